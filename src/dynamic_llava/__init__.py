@@ -1,0 +1,32 @@
+"""Dynamic-LLaVA: vision-language context sparsification for LLaVA models on HuggingFace transformers."""
+
+from .cache import DynamicLlavaCache, SparseLayer
+from .config import DynamicLlavaConfig
+from .modeling import (
+    DynamicLlamaModel,
+    DynamicLlavaForConditionalGeneration,
+    DynamicLlavaModel,
+    DynamicLlavaOutput,
+)
+from .policies import LearnedPolicy, RandomPolicy, TokenPolicy
+from .predictors import ImagePredictor, TextPredictor
+from .stats import ForwardRecord, SparsityStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DynamicLlavaCache",
+    "DynamicLlavaConfig",
+    "DynamicLlavaForConditionalGeneration",
+    "DynamicLlavaModel",
+    "DynamicLlamaModel",
+    "DynamicLlavaOutput",
+    "ForwardRecord",
+    "ImagePredictor",
+    "LearnedPolicy",
+    "RandomPolicy",
+    "SparseLayer",
+    "SparsityStats",
+    "TextPredictor",
+    "TokenPolicy",
+]

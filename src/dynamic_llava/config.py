@@ -1,0 +1,87 @@
+"""Model configuration: a `LlavaConfig` plus the sparsity settings, saved in `config.json`."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+
+SPARSITY_FIELDS = (
+    "sparse_layer",
+    "image_keep_rate",
+    "text_keep_rate",
+    "use_image_predictor",
+    "use_text_predictor",
+    "predictor_dim",
+    "predictor_heads",
+    "predictor_mlp_dim",
+    "predictor_blocks",
+    "predictor_head_dims",
+    "text_predictor_dims",
+)
+
+
+@strict
+class DynamicLlavaConfig(LlavaConfig):
+    r"""LLaVA configuration with Dynamic-LLaVA sparsity settings.
+
+    Parameters
+    ----------
+    sparse_layer : int
+        Decoder layer K whose input the predictors read; layers K..L-1 see only kept tokens.
+    image_keep_rate : float
+        Share of each image's tokens kept at prefill (``floor(rate * tokens)``); 1.0 keeps all.
+    text_keep_rate : float
+        Training target for the share of output-text tokens kept; 1.0 turns output-text
+        sparsification off at inference as well.
+    use_image_predictor, use_text_predictor : bool
+        Which predictors exist ("I" model: image only; "I|T": both).
+    predictor_dim, predictor_heads, predictor_mlp_dim, predictor_blocks, predictor_head_dims :
+        Image predictor widths (paper: 512, 8, 2048, 2 blocks, head 256 -> 128 -> 2).
+    text_predictor_dims :
+        Output-text predictor MLP widths (paper: 512 -> 256 -> 128 -> 2).
+    """
+
+    model_type = "dynamic_llava"
+
+    sparse_layer: int = 2
+    image_keep_rate: float = 0.2
+    text_keep_rate: float = 0.5
+    use_image_predictor: bool = True
+    use_text_predictor: bool = True
+    predictor_dim: int = 512
+    predictor_heads: int = 8
+    predictor_mlp_dim: int = 2048
+    predictor_blocks: int = 2
+    predictor_head_dims: list[int] | tuple[int, ...] = (256, 128)
+    text_predictor_dims: list[int] | tuple[int, ...] = (512, 256, 128)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.predictor_head_dims = list(self.predictor_head_dims)
+        self.text_predictor_dims = list(self.text_predictor_dims)
+        self.check_sparsity()
+
+    def check_sparsity(self) -> None:
+        """Raise a clear `ValueError` when a sparsity setting cannot work with this model."""
+        num_layers = self.text_config.num_hidden_layers
+        if not 1 <= self.sparse_layer < num_layers:
+            raise ValueError(
+                f"sparse_layer={self.sparse_layer} is outside the decoder: it must be in [1, {num_layers - 1}] "
+                f"for a language model with {num_layers} layers (the paper uses 2)."
+            )
+        for name in ("image_keep_rate", "text_keep_rate"):
+            rate = getattr(self, name)
+            if not 0.0 < rate <= 1.0:
+                raise ValueError(f"{name}={rate} must be in (0, 1]; use 1.0 to keep every token.")
+        if self.predictor_dim % 2 or self.predictor_dim % self.predictor_heads:
+            raise ValueError(
+                f"predictor_dim={self.predictor_dim} must be even and divisible by "
+                f"predictor_heads={self.predictor_heads}."
+            )
+
+    def sparsity_dict(self) -> dict:
+        """The sparsity settings alone, as saved in `config.json`."""
+        return {name: getattr(self, name) for name in SPARSITY_FIELDS}
+
+
+__all__ = ["DynamicLlavaConfig", "SPARSITY_FIELDS"]

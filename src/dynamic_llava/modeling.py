@@ -1,0 +1,438 @@
+"""Dynamic-LLaVA on stock transformers LLaVA: the sparse decoder loop and the model users load.
+
+`DynamicLlamaModel` owns the Llama decoder loop. Layers < K run on the full sequence. At layer K a
+policy (by default the learned predictors) decides which tokens the deeper layers keep:
+
+* image tokens: each image keeps its top ``floor(image_keep_rate * tokens)`` by keep score;
+* generated tokens: kept or dropped one by one by the output-text predictor.
+
+Kept tokens are gathered (hidden states, original position ids, rotary cos/sin, padding mask) into
+a shorter sequence; samples that keep fewer tokens get masked filler slots on the left, exactly like
+left padding, so a batch is computed as its samples would be one by one. With a cache, layers >= K
+store only kept K/V (`DynamicLlavaCache`); without one, each step recomputes the sequence and drops
+what the policy drops. The newest token is always computed, so its logits are always returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
+from transformers.utils import logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .cache import DynamicLlavaCache
+from .config import DynamicLlavaConfig
+from .policies import LearnedPolicy, TokenPolicy
+from .predictors import ImagePredictor, TextPredictor
+from .stats import ForwardRecord, SparsityStats
+
+logger = logging.get_logger(__name__)
+
+SUPPORTED_TEXT_MODELS = ("llama",)
+_DEFAULT_POLICY = LearnedPolicy()
+
+
+@dataclass
+class DynamicLlavaOutput(LlavaCausalLMOutputWithPast):
+    """`LlavaCausalLMOutputWithPast` plus which input positions the logits belong to.
+
+    kept_index : [B, N'] input positions that reached the last layer (None: all of them).
+    kept_valid : [B, N'] False for filler slots of samples that kept fewer tokens than the longest.
+    """
+
+    kept_index: torch.Tensor | None = None
+    kept_valid: torch.Tensor | None = None
+
+
+class DynamicLlamaModel(LlamaModel):
+    """A `LlamaModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
+
+    def __init__(self, config, sparsity: DynamicLlavaConfig):
+        super().__init__(config)
+        self.sparsity = sparsity  # the full model config: read at every call, so edits take effect
+        hidden = config.hidden_size
+        self.image_predictor = (
+            ImagePredictor(
+                hidden,
+                sparsity.predictor_dim,
+                sparsity.predictor_heads,
+                sparsity.predictor_mlp_dim,
+                sparsity.predictor_blocks,
+                sparsity.predictor_head_dims,
+            )
+            if sparsity.use_image_predictor
+            else None
+        )
+        self.text_predictor = (
+            TextPredictor(hidden, sparsity.text_predictor_dims) if sparsity.use_text_predictor else None
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        image_token_mask: torch.Tensor | None = None,
+        tokens_per_image: int | None = None,
+        output_text_start: int | None = None,
+        sparsity_policy: TokenPolicy | None = None,
+        sparsity_record: ForwardRecord | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        policy = sparsity_policy or _DEFAULT_POLICY
+        record = sparsity_record if sparsity_record is not None else ForwardRecord()
+        k_layer = self.sparsity.sparse_layer
+        batch, seq = inputs_embeds.shape[:2]
+
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = DynamicLlavaCache(self.config.num_hidden_layers, k_layer)
+        if cache is not None and not isinstance(cache, DynamicLlavaCache):
+            raise TypeError(
+                f"Dynamic-LLaVA needs a DynamicLlavaCache (its layers >= K hold only kept tokens), got "
+                f"{type(cache).__name__}. Pass none and one is made, or pass DynamicLlavaCache.from_config(config)."
+            )
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).unsqueeze(0)
+        position_ids = position_ids.expand(batch, -1)
+
+        full_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=0,
+        )
+        hidden = inputs_embeds
+        cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
+        layer_kwargs = dict(past_key_values=cache, use_cache=use_cache, **kwargs)
+        for layer in self.layers[:k_layer]:
+            hidden = layer(
+                hidden, attention_mask=full_mask, position_embeddings=(cos, sin), position_ids=position_ids, **layer_kwargs
+            )
+
+        # ---- layer K: decide who stays ----
+        valid = (
+            attention_mask[:, -seq:].bool()
+            if attention_mask is not None and attention_mask.ndim == 2
+            else torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
+        )
+        store = valid.clone()  # tokens the deeper layers keep (and cache)
+        if image_token_mask is not None:
+            store &= self._select_image_tokens(hidden, image_token_mask, tokens_per_image, position_ids, policy, record)
+        generated = self._generated_mask(batch, seq, past, output_text_start, cache, hidden.device)
+        if generated is not None:
+            store &= self._select_text_tokens(hidden, generated, position_ids, policy, record)
+        keep = store.clone()
+        keep[:, -1] = True  # the newest token is always computed: its logits are the output
+        keep |= ~valid  # padding stays in place (masked), so shapes match the dense model
+
+        if bool(keep.all()):
+            index, slot_valid = None, None
+            hidden_s, pos_s, cos_s, sin_s, valid_s, store_s = hidden, position_ids, cos, sin, valid, store
+        else:
+            n_keep = int(keep.sum(dim=1).max())
+            # stable sort puts dropped tokens first, kept ones last, each in position order
+            index = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, seq - n_keep :]
+            slot_valid = keep.gather(1, index)
+            hidden_s = _gather_tokens(hidden, index)
+            cos_s, sin_s = _gather_tokens(cos, index), _gather_tokens(sin, index)
+            pos_s = position_ids.gather(1, index)
+            valid_s = valid.gather(1, index) & slot_valid
+            store_s = store.gather(1, index) & slot_valid
+        record.kept_index, record.kept_valid = index, slot_valid
+
+        mask_2d = valid_s
+        if cache is not None:
+            past_valid = cache.sparse_valid_mask()
+            if past_valid is not None:
+                mask_2d = torch.cat([past_valid, valid_s], dim=1)
+            cache.set_store_mask(store_s)
+        sparse_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_s,
+            attention_mask=mask_2d,
+            past_key_values=cache,
+            position_ids=pos_s,
+            layer_idx=k_layer,
+        )
+        for layer in self.layers[k_layer:]:
+            hidden_s = layer(
+                hidden_s, attention_mask=sparse_mask, position_embeddings=(cos_s, sin_s), position_ids=pos_s, **layer_kwargs
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_s), past_key_values=cache)
+
+    def _select_image_tokens(self, hidden, image_token_mask, tokens_per_image, position_ids, policy, record):
+        """[B, N] bool: False for image tokens dropped by the policy (each image keeps its top share)."""
+        batch, seq, width = hidden.shape
+        keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
+        record.image_tokens = image_token_mask.sum(dim=1)
+        record.image_kept = record.image_tokens.clone()
+        rate = policy.image_keep_rate if policy.image_keep_rate is not None else self.sparsity.image_keep_rate
+        if rate >= 1.0 or not bool(image_token_mask.any()):
+            return keep
+        flat = image_token_mask.reshape(-1)
+        images = int(flat.sum()) // tokens_per_image
+        img_hidden = hidden.reshape(-1, width)[flat].view(images, tokens_per_image, width)
+        img_pos = position_ids.reshape(-1)[flat].view(images, tokens_per_image)
+        scores = policy.image_scores(self, img_hidden, img_pos)
+        if scores is None:
+            return keep
+        n_keep = max(1, math.floor(rate * tokens_per_image + 1e-6))
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(n_keep, dim=1).indices, True)
+        keep.view(-1)[flat] = chosen.view(-1)
+        record.image_kept = (keep & image_token_mask).sum(dim=1)
+        return keep
+
+    def _generated_mask(self, batch, seq, past, output_text_start, cache, device):
+        """[B, N] bool of generated tokens the output-text policy judges, or None."""
+        if output_text_start is not None:
+            absolute = torch.arange(past, past + seq, device=device)
+            generated = absolute >= output_text_start
+        elif cache is not None and past > 0 and seq == 1:
+            generated = torch.ones(1, dtype=torch.bool, device=device)  # a manual decode step with cache
+        else:
+            return None
+        if cache is None:
+            generated[-1:] = False  # without cache the newest token is never judged (always kept)
+        if not bool(generated.any()):
+            return None
+        return generated.unsqueeze(0).expand(batch, -1)
+
+    def _select_text_tokens(self, hidden, generated, position_ids, policy, record):
+        """[B, N] bool: False for generated tokens the policy drops."""
+        keep = torch.ones_like(generated)
+        decision = policy.text_keep(self, hidden[generated], position_ids[generated])
+        record.text_tokens = generated.sum(dim=1)
+        if decision is None:
+            record.text_kept = record.text_tokens.clone()
+            return keep
+        keep[generated] = decision
+        record.text_kept = (keep & generated).sum(dim=1)
+        return keep
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], index [B, N'] -> [B, N', D]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class DynamicLlavaModel(LlavaModel):
+    """`LlavaModel` whose language model is a `DynamicLlamaModel` (weights and names unchanged)."""
+
+    config: DynamicLlavaConfig
+
+    def __init__(self, config: DynamicLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        text_type = config.text_config.model_type
+        if text_type not in SUPPORTED_TEXT_MODELS:
+            raise ValueError(
+                f"Dynamic-LLaVA supports LLaVA checkpoints with a {SUPPORTED_TEXT_MODELS} language model; "
+                f"this one has '{text_type}'."
+            )
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = DynamicLlamaModel(config.text_config, config)
+        self.post_init()
+
+
+class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA with Dynamic-LLaVA vision-language context sparsification.
+
+    Loads any llava-hf (LLaVA-1.5 layout) checkpoint with `from_pretrained`; a checkpoint without
+    predictors gets fresh ones. Use it like `LlavaForConditionalGeneration`: `forward`, `generate`
+    (with or without cache, batched). Extra arguments: `sparsity_stats` (a `SparsityStats` to fill)
+    and `sparsity_policy` (a `TokenPolicy`; default: the learned predictors).
+    """
+
+    config: DynamicLlavaConfig
+
+    def __init__(self, config: DynamicLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = DynamicLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def image_predictor(self) -> ImagePredictor | None:
+        return self.model.language_model.image_predictor
+
+    @property
+    def text_predictor(self) -> TextPredictor | None:
+        return self.model.language_model.text_predictor
+
+    def tokens_per_image(self) -> int:
+        """Image tokens one image expands to (576 for LLaVA-1.5 at 336 px)."""
+        vision = self.config.vision_config
+        if hasattr(vision, "image_size") and hasattr(vision, "patch_size"):
+            patches = (vision.image_size // vision.patch_size) ** 2
+            return patches + (0 if self.config.vision_feature_select_strategy == "default" else 1)
+        return self.config.image_seq_length
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_text_start: int | None = None,
+        sparsity_policy: TokenPolicy | None = None,
+        sparsity_stats: SparsityStats | None = None,
+        **kwargs,
+    ) -> LlavaCausalLMOutputWithPast:
+        """Same as `LlavaForConditionalGeneration.forward`, sparsified.
+
+        `output_text_start`: index in the full sequence where generated text begins (set by
+        `generate`); without a cache, earlier generated tokens are judged by the output-text policy.
+        The returned logits cover the tokens that reached the last layer: `kept_index` (None when
+        all did) maps them to input positions.
+        """
+        self.config.check_sparsity()
+        if labels is not None:
+            raise NotImplementedError(
+                "Dynamic-LLaVA's forward is the inference path; it prunes tokens, so labels would not line up. "
+                "Use the training module's loss for fine-tuning."
+            )
+        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
+            past_key_values = None  # an empty default cache: replace it with ours
+        image_token_mask, per_image = self._check_inputs(input_ids, inputs_embeds, pixel_values, kwargs, past_key_values)
+        record = ForwardRecord()
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            image_token_mask=image_token_mask,
+            tokens_per_image=per_image,
+            output_text_start=output_text_start,
+            sparsity_policy=sparsity_policy,
+            sparsity_record=record,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        if sparsity_stats is not None:
+            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
+        out = DynamicLlavaOutput(
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            kept_index=record.kept_index,
+            kept_valid=record.kept_valid,
+        )
+        return out
+
+    def _check_inputs(self, input_ids, inputs_embeds, pixel_values, kwargs, cache):
+        """Validate before any compute; return the image-token mask and tokens per image."""
+        ids = input_ids
+        if ids is None:
+            if pixel_values is not None:
+                raise ValueError("Dynamic-LLaVA needs input_ids with images (it finds image tokens by id).")
+            return None, None
+        past = cache.get_seq_length(0) if cache is not None else 0
+        limit = self.config.text_config.max_position_embeddings
+        if past + ids.shape[1] > limit:
+            raise ValueError(
+                f"The sequence has {past + ids.shape[1]} tokens ({past} cached + {ids.shape[1]} new) but the model's "
+                f"context is {limit} (text_config.max_position_embeddings): shorten the prompt or max_new_tokens."
+            )
+        image_token_mask = ids == self.config.image_token_id
+        n_tokens = int(image_token_mask.sum())
+        if n_tokens == 0:
+            if pixel_values is not None and past == 0:
+                raise ValueError(
+                    f"{pixel_values.shape[0]} image(s) given but the prompt has no image token "
+                    f"(id {self.config.image_token_id}): put '<image>' in the prompt and use the processor."
+                )
+            return None, None
+        per_image = self.tokens_per_image()
+        if kwargs.get("mm_encoder_outputs") is not None:
+            n_images = len(kwargs["mm_encoder_outputs"]["image"].pooler_output)
+        elif pixel_values is not None:
+            n_images = pixel_values.shape[0]
+        else:
+            n_images = 0
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"The prompt has {n_tokens} image placeholder tokens but {n_images} image(s) were given, which "
+                f"need {n_images * per_image} ({per_image} per image). Build inputs with the model's processor, "
+                "which expands each '<image>' to the right number of tokens."
+            )
+        return image_token_mask, per_image
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give `generate()` a `DynamicLlavaCache` instead of a plain `DynamicCache`."""
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None and not isinstance(user_cache, DynamicLlavaCache):
+            raise TypeError(
+                f"past_key_values must be a DynamicLlavaCache, got {type(user_cache).__name__}; "
+                "pass none and generate() makes one."
+            )
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA: "
+                "its cache stores a different number of tokens per layer. Leave it unset."
+            )
+        made_here = user_cache is None and generation_config.use_cache is not False
+        if made_here:
+            model_kwargs["past_key_values"] = DynamicLlavaCache.from_config(self.config)
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if made_here:
+            model_kwargs["past_key_values"]._is_user_defined = False  # ours, not the caller's
+        return result
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, marking where generated text begins (for decoding without cache).
+
+        Pass `sparsity_stats=SparsityStats()` to read what was kept; assisted decoding is refused.
+        """
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is not None and kwargs.get("output_text_start") is None:
+            kwargs["output_text_start"] = prompt.shape[1]
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+            raise NotImplementedError("Assisted/speculative decoding is not supported by Dynamic-LLaVA (its cache cannot be cropped).")
+        return GenerationMixin.generate(self, inputs, generation_config, **kwargs)
+
+
+__all__ = [
+    "DynamicLlamaModel",
+    "DynamicLlavaModel",
+    "DynamicLlavaForConditionalGeneration",
+    "DynamicLlavaOutput",
+]

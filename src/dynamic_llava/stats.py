@@ -1,0 +1,83 @@
+"""What a sparse forward kept and what the cache holds, readable by the caller without logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ForwardRecord:
+    """Filled by one forward pass of the sparse decoder loop."""
+
+    kept_index: torch.Tensor | None = None  # [B, N'] input positions entering layers >= K (None: all)
+    kept_valid: torch.Tensor | None = None  # [B, N'] False for filler slots of samples that kept fewer
+    image_tokens: torch.Tensor | None = None  # [B] image tokens in this input
+    image_kept: torch.Tensor | None = None  # [B] of those, kept for layers >= K
+    text_tokens: torch.Tensor | None = None  # [B] generated tokens judged by the text policy
+    text_kept: torch.Tensor | None = None  # [B] of those, kept
+
+
+@dataclass
+class SparsityStats:
+    """Per-sample savings over one `generate()` (or several forwards). Pass it as `sparsity_stats=`.
+
+    Attributes
+    ----------
+    image_tokens, image_tokens_kept : [B] image tokens in the prompt and kept for layers >= K.
+    generated_tokens, generated_tokens_kept : [B] generated tokens judged by the output-text policy,
+        and how many of them stay in the context of layers >= K.
+    kv_lengths : per layer, [B] tokens held in the KV cache (after the last step; empty without cache).
+    kv_bytes : per layer, bytes held by the K/V tensors.
+    dense_kv_bytes : bytes a dense cache of the same batch would hold (every layer at full length).
+    forward_calls : forward passes seen.
+    """
+
+    image_tokens: torch.Tensor | None = None
+    image_tokens_kept: torch.Tensor | None = None
+    generated_tokens: torch.Tensor | None = None
+    generated_tokens_kept: torch.Tensor | None = None
+    kv_lengths: list[torch.Tensor] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)
+    dense_kv_bytes: int = 0
+    forward_calls: int = 0
+
+    def update(self, record: ForwardRecord, cache=None, accumulate_text: bool = True) -> None:
+        """Fold one forward's record in; text counts add up with a cache and are replaced without one."""
+        self.forward_calls += 1
+        if record.image_tokens is not None and bool(record.image_tokens.any()):
+            self.image_tokens, self.image_tokens_kept = record.image_tokens, record.image_kept
+        if record.text_tokens is not None:
+            if accumulate_text and self.generated_tokens is not None:
+                self.generated_tokens = self.generated_tokens + record.text_tokens
+                self.generated_tokens_kept = self.generated_tokens_kept + record.text_kept
+            else:
+                self.generated_tokens, self.generated_tokens_kept = record.text_tokens, record.text_kept
+        if cache is not None:
+            self.kv_lengths = cache.layer_lengths()
+            self.kv_bytes = cache.layer_nbytes()
+            self.dense_kv_bytes = cache.dense_nbytes()
+
+    @property
+    def total_kv_bytes(self) -> int:
+        return sum(self.kv_bytes)
+
+    def summary(self) -> dict:
+        """Plain numbers for printing or JSON."""
+
+        def lst(t):
+            return None if t is None else t.tolist()
+
+        return {
+            "image_tokens": lst(self.image_tokens),
+            "image_tokens_kept": lst(self.image_tokens_kept),
+            "generated_tokens": lst(self.generated_tokens),
+            "generated_tokens_kept": lst(self.generated_tokens_kept),
+            "kv_bytes": self.total_kv_bytes,
+            "dense_kv_bytes": self.dense_kv_bytes,
+            "kv_lengths": [lst(t) for t in self.kv_lengths],
+        }
+
+
+__all__ = ["ForwardRecord", "SparsityStats"]
