@@ -79,6 +79,14 @@ class DynamicLlavaConfig(LlavaConfig):
                 f"predictor_heads={self.predictor_heads}."
             )
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """Read a `dynamic_llava` config, or a plain `llava` one (which then gets default sparsity settings)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == LlavaConfig.model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     def sparsity_dict(self) -> dict:
         """The sparsity settings alone, as saved in `config.json`."""
         return {name: getattr(self, name) for name in SPARSITY_FIELDS}

@@ -37,7 +37,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache import DynamicLlavaCache
-from .config import DynamicLlavaConfig
+from .checkpoints import checkpoint_tensor_shapes, predictor_mismatches, stored_predictor_shapes
+from .config import SPARSITY_FIELDS, DynamicLlavaConfig
 from .policies import LearnedPolicy, TokenPolicy
 from .predictors import ImagePredictor, TextPredictor
 from .stats import ForwardRecord, SparsityStats
@@ -247,7 +248,7 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class DynamicLlavaModel(LlavaModel):
     """`LlavaModel` whose language model is a `DynamicLlamaModel` (weights and names unchanged)."""
 
-    config: DynamicLlavaConfig
+    config_class = DynamicLlavaConfig
 
     def __init__(self, config: DynamicLlavaConfig):
         LlavaPreTrainedModel.__init__(self, config)
@@ -272,13 +273,57 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     and `sparsity_policy` (a `TokenPolicy`; default: the learned predictors).
     """
 
-    config: DynamicLlavaConfig
+    config_class = DynamicLlavaConfig
+    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
 
     def __init__(self, config: DynamicLlavaConfig):
         LlavaPreTrainedModel.__init__(self, config)
         self.model = DynamicLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a Dynamic-LLaVA or a plain llava-hf checkpoint (the latter gets fresh predictors, said in one line).
+
+        Sparsity settings may be overridden as keyword arguments (e.g. ``image_keep_rate=0.3``).
+        """
+        shapes = checkpoint_tensor_shapes(pretrained_model_name_or_path)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:
+            config = kwargs.get("config")
+            if shapes is None or "mismatch" not in str(error):
+                raise
+            if not isinstance(config, DynamicLlavaConfig):
+                overrides = {k: v for k, v in kwargs.items() if k in SPARSITY_FIELDS}
+                config = DynamicLlavaConfig.from_pretrained(pretrained_model_name_or_path, **overrides)
+            problems = predictor_mismatches(config, shapes)
+            if not problems:
+                raise
+            raise ValueError(
+                f"The predictor weights in {pretrained_model_name_or_path} do not match the predictor widths of the "
+                "config (predictor_dim, predictor_heads, predictor_mlp_dim, predictor_blocks, predictor_head_dims, "
+                "text_predictor_dims): " + "; ".join(problems[:3]) + ". Load without overriding these widths, or "
+                "fix config.json."
+            ) from error
+        loaded = model[0] if isinstance(model, tuple) else model
+        if shapes is not None:
+            stored = stored_predictor_shapes(shapes)
+            fresh = [
+                label
+                for label, prefix, enabled in (
+                    ("image", "image_predictor.", loaded.config.use_image_predictor),
+                    ("output-text", "text_predictor.", loaded.config.use_text_predictor),
+                )
+                if enabled and not any(key.startswith(prefix) for key in stored)
+            ]
+            if fresh:
+                logger.warning(
+                    f"{pretrained_model_name_or_path} has no trained {' and '.join(fresh)} "
+                    f"predictor{'s' if len(fresh) > 1 else ''}: initialised fresh ones (their keep decisions are arbitrary until fine-tuned)."
+                )
+        return model
 
     @property
     def image_predictor(self) -> ImagePredictor | None:
@@ -326,7 +371,9 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
             past_key_values = None  # an empty default cache: replace it with ours
-        image_token_mask, per_image = self._check_inputs(input_ids, inputs_embeds, pixel_values, kwargs, past_key_values)
+        image_token_mask, per_image = self._check_inputs(
+            input_ids, pixel_values, kwargs, past_key_values, output_text_start
+        )
         record = ForwardRecord()
         outputs = self.model(
             input_ids=input_ids,
@@ -358,8 +405,11 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
         return out
 
-    def _check_inputs(self, input_ids, inputs_embeds, pixel_values, kwargs, cache):
-        """Validate before any compute; return the image-token mask and tokens per image."""
+    def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start):
+        """Validate before any compute; return the prompt's image-token mask and tokens per image.
+
+        Generated tokens are text even if they carry the image token's id (as in the stock model).
+        """
         ids = input_ids
         if ids is None:
             if pixel_values is not None:
@@ -372,7 +422,11 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 f"The sequence has {past + ids.shape[1]} tokens ({past} cached + {ids.shape[1]} new) but the model's "
                 f"context is {limit} (text_config.max_position_embeddings): shorten the prompt or max_new_tokens."
             )
+        if past > 0 and pixel_values is None and kwargs.get("mm_encoder_outputs") is None:
+            return None, None  # continuing from a cache: the images were consumed at prefill
         image_token_mask = ids == self.config.image_token_id
+        if output_text_start is not None:
+            image_token_mask[:, max(output_text_start - past, 0) :] = False
         n_tokens = int(image_token_mask.sum())
         if n_tokens == 0:
             if pixel_values is not None and past == 0:
@@ -436,3 +490,21 @@ __all__ = [
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaOutput",
 ]
+
+
+def _register_with_transformers() -> None:
+    """Make `dynamic_llava` checkpoints loadable like llava ones (Auto classes, legacy weight names)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    AutoConfig.register(DynamicLlavaConfig.model_type, DynamicLlavaConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)
+    register_checkpoint_conversion_mapping(
+        DynamicLlavaConfig.model_type, get_checkpoint_conversion_mapping("llava"), overwrite=True
+    )
+
+
+_register_with_transformers()

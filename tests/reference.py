@@ -1,0 +1,37 @@
+"""A masking-only reference for the sparse path, built from stock modules (no code shared with the engine).
+
+Every token is computed in every layer; in layers >= K a dropped token is simply invisible as a key
+to every other token (it still sees itself). Same decisions, no gathering, no cache.
+"""
+
+import torch
+
+
+def masked_reference_logits(stock, input_ids, attention_mask, pixel_values, key_kept, sparse_layer):
+    """stock: LlavaForConditionalGeneration; key_kept: [B, N] bool tokens visible in layers >= K."""
+    lm = stock.model.language_model
+    embeds = lm.embed_tokens(input_ids)
+    features = stock.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    features = torch.cat(list(features), dim=0)
+    image_slots = (input_ids == stock.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cos_sin = lm.rotary_emb(embeds, position_ids=positions)
+
+    n = input_ids.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    pad_ok = attention_mask.bool()[:, None, :]
+    eye = torch.eye(n, dtype=torch.bool)
+    dense_allowed = (causal & pad_ok) | eye  # every row sees at least itself
+    sparse_allowed = (causal & pad_ok & key_kept[:, None, :]) | eye
+    neg = torch.finfo(embeds.dtype).min
+
+    def additive(allowed):
+        zero = torch.zeros((), dtype=embeds.dtype)
+        return torch.where(allowed, zero, neg).unsqueeze(1)
+
+    hidden = embeds
+    for i, layer in enumerate(lm.layers):
+        mask = additive(dense_allowed if i < sparse_layer else sparse_allowed)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=positions)
+    return stock.lm_head(lm.norm(hidden))
