@@ -142,7 +142,7 @@ class DynamicLlamaModel(LlamaModel):
         # ---- layer K: decide who stays ----
         valid = (
             attention_mask[:, -seq:].bool()
-            if attention_mask is not None and attention_mask.ndim == 2
+            if attention_mask is not None
             else torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
         )
         store = valid.clone()  # tokens the deeper layers keep (and cache)
@@ -368,6 +368,11 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise NotImplementedError(
                 "Dynamic-LLaVA's forward is the inference path; it prunes tokens, so labels would not line up. "
                 "Use the training module's loss for fine-tuning."
+            )
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(
+                f"attention_mask must be the 2-D padding mask [batch, tokens] (got {attention_mask.ndim}-D): "
+                "the sparse layers build their own masks from it."
             )
         if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
             past_key_values = None  # an empty default cache: replace it with ours

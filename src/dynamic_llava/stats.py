@@ -27,8 +27,11 @@ class SparsityStats:
     ----------
     image_tokens, image_tokens_kept : [B] image tokens in the prompt and kept for layers >= K.
     generated_tokens, generated_tokens_kept : [B] generated tokens judged by the output-text policy,
-        and how many of them stay in the context of layers >= K.
+        and how many of them stay in the context of layers >= K. With a cache every token fed back is
+        judged (N new tokens -> N - 1 judged: the last one is never fed back); without a cache the
+        newest token of a step is always kept, so the last step judges N - 2.
     kv_lengths : per layer, [B] tokens held in the KV cache (after the last step; empty without cache).
+        Layers < K hold the padded batch length, layers >= K only each sample's kept tokens.
     kv_bytes : per layer, bytes held by the K/V tensors.
     dense_kv_bytes : bytes a dense cache of the same batch would hold (every layer at full length).
     forward_calls : forward passes seen.

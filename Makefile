@@ -1,0 +1,30 @@
+# Set-up, demo, tests and benchmarks. Everything runs from a virtual environment in .venv.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench
+
+install: $(STAMP)
+
+# Re-run only when pyproject.toml changes (or the environment is gone). pip -qq: errors only.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || { echo "Creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "Installing torch (CPU) and dynamic-llava into $(VENV)"
+	@$(PIP) install -qq --disable-pip-version-check torch==2.13.0
+	@$(PIP) install -qq --disable-pip-version-check -e ".[test]"
+	@touch $@
+
+demo: install
+	$(VENV)/bin/dynamic-llava demo
+
+# pytest exits with 5 when it collects no test: that is not a failure.
+test: install
+	@HF_HUB_OFFLINE=1 $(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/engine_benchmark.py
+
