@@ -36,9 +36,10 @@ class DynamicLlavaConfig(LlavaConfig):
     use_image_predictor, use_text_predictor : bool
         Which predictors exist ("I" model: image only; "I|T": both).
     predictor_dim, predictor_heads, predictor_mlp_dim, predictor_blocks, predictor_head_dims :
-        Image predictor widths (paper: 512, 8, 2048, 2 blocks, head 256 -> 128 -> 2).
+        Image predictor widths (paper: 512, 8, 2048, 2 blocks, head 256 -> 128 -> 2). Unset widths
+        are derived from the language model's hidden size: the paper's at 4096, smaller below.
     text_predictor_dims :
-        Output-text predictor MLP widths (paper: 512 -> 256 -> 128 -> 2).
+        Output-text predictor MLP widths (paper: 512 -> 256 -> 128 -> 2; derived like the above).
     """
 
     model_type = "dynamic_llava"
@@ -48,18 +49,33 @@ class DynamicLlavaConfig(LlavaConfig):
     text_keep_rate: float = 0.5
     use_image_predictor: bool = True
     use_text_predictor: bool = True
-    predictor_dim: int = 512
+    predictor_dim: int | None = None
     predictor_heads: int = 8
-    predictor_mlp_dim: int = 2048
+    predictor_mlp_dim: int | None = None
     predictor_blocks: int = 2
-    predictor_head_dims: list[int] | tuple[int, ...] = (256, 128)
-    text_predictor_dims: list[int] | tuple[int, ...] = (512, 256, 128)
+    predictor_head_dims: list[int] | tuple[int, ...] | None = None
+    text_predictor_dims: list[int] | tuple[int, ...] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self._fill_predictor_widths()
+        self.check_sparsity()
+
+    def _fill_predictor_widths(self) -> None:
+        """Widths left unset follow the paper at hidden size 4096 (512 / 2048 / 256-128 / 512-256-128)
+        and shrink with smaller models: dim = min(512, hidden / 8), so the predictors stay ~1% of a layer."""
+        if self.predictor_dim is None:
+            unit = 2 * self.predictor_heads
+            self.predictor_dim = max(unit, min(512, self.text_config.hidden_size // 8) // unit * unit)
+        dim = self.predictor_dim
+        if self.predictor_mlp_dim is None:
+            self.predictor_mlp_dim = 4 * dim
+        if self.predictor_head_dims is None:
+            self.predictor_head_dims = [max(2, dim // 2), max(2, dim // 4)]
+        if self.text_predictor_dims is None:
+            self.text_predictor_dims = [dim, max(2, dim // 2), max(2, dim // 4)]
         self.predictor_head_dims = list(self.predictor_head_dims)
         self.text_predictor_dims = list(self.text_predictor_dims)
-        self.check_sparsity()
 
     def check_sparsity(self) -> None:
         """Raise a clear `ValueError` when a sparsity setting cannot work with this model."""
