@@ -62,10 +62,3 @@ def test_foreign_cache_and_static_cache_are_refused():
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=filled)
     with pytest.raises(ValueError, match="cache_implementation='static'"):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache_implementation="static")
-
-
-def test_labels_are_refused_at_inference():
-    model = tiny_dynamic()
-    ids, mask, pixels = make_prompts([2], [3])
-    with pytest.raises(NotImplementedError, match="labels"):
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids)

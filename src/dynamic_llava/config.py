@@ -17,6 +17,8 @@ SPARSITY_FIELDS = (
     "predictor_blocks",
     "predictor_head_dims",
     "text_predictor_dims",
+    "budget_weight",
+    "min_answer_tokens",
 )
 
 
@@ -40,6 +42,10 @@ class DynamicLlavaConfig(LlavaConfig):
         are derived from the language model's hidden size: the paper's at 4096, smaller below.
     text_predictor_dims :
         Output-text predictor MLP widths (paper: 512 -> 256 -> 128 -> 2; derived like the above).
+    budget_weight : float
+        Training: lambda in LM loss + lambda * (R_I + R_OT), the squared gaps to the keep-rate targets.
+    min_answer_tokens : int
+        Training: the last answer's tokens may be dropped only when it has at least this many.
     """
 
     model_type = "dynamic_llava"
@@ -55,6 +61,8 @@ class DynamicLlavaConfig(LlavaConfig):
     predictor_blocks: int = 2
     predictor_head_dims: list[int] | tuple[int, ...] | None = None
     text_predictor_dims: list[int] | tuple[int, ...] | None = None
+    budget_weight: float = 100.0
+    min_answer_tokens: int = 50
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -89,6 +97,10 @@ class DynamicLlavaConfig(LlavaConfig):
             rate = getattr(self, name)
             if not 0.0 < rate <= 1.0:
                 raise ValueError(f"{name}={rate} must be in (0, 1]; use 1.0 to keep every token.")
+        if self.budget_weight < 0 or self.min_answer_tokens < 1:
+            raise ValueError(
+                f"budget_weight={self.budget_weight} must be >= 0 and min_answer_tokens={self.min_answer_tokens} >= 1."
+            )
         if self.predictor_dim % 2 or self.predictor_dim % self.predictor_heads:
             raise ValueError(
                 f"predictor_dim={self.predictor_dim} must be even and divisible by "

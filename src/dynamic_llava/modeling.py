@@ -36,11 +36,15 @@ from transformers.utils import logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from torch.utils.checkpoint import checkpoint
+
+from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
 from .checkpoints import checkpoint_tensor_shapes, predictor_mismatches, stored_predictor_shapes
 from .config import SPARSITY_FIELDS, DynamicLlavaConfig
 from .policies import LearnedPolicy, TokenPolicy
-from .predictors import ImagePredictor, TextPredictor
+from .losses import budget_loss
+from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
 from .stats import ForwardRecord, SparsityStats
 
 logger = logging.get_logger(__name__)
@@ -51,14 +55,21 @@ _DEFAULT_POLICY = LearnedPolicy()
 
 @dataclass
 class DynamicLlavaOutput(LlavaCausalLMOutputWithPast):
-    """`LlavaCausalLMOutputWithPast` plus which input positions the logits belong to.
+    """`LlavaCausalLMOutputWithPast` plus which input positions the logits belong to (inference)
+    or the parts of the training loss (with labels).
 
     kept_index : [B, N'] input positions that reached the last layer (None: all of them).
     kept_valid : [B, N'] False for filler slots of samples that kept fewer tokens than the longest.
+    lm_loss, budget_loss : the cross-entropy and R_I + R_OT (loss = lm_loss + budget_weight * budget_loss).
+    image_keep_ratio, text_keep_ratio : [B] realised keep share of image / eligible answer tokens.
     """
 
     kept_index: torch.Tensor | None = None
     kept_valid: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    budget_loss: torch.Tensor | None = None
+    image_keep_ratio: torch.Tensor | None = None
+    text_keep_ratio: torch.Tensor | None = None
 
 
 class DynamicLlamaModel(LlamaModel):
@@ -99,14 +110,24 @@ class DynamicLlamaModel(LlamaModel):
         output_text_start: int | None = None,
         sparsity_policy: TokenPolicy | None = None,
         sparsity_record: ForwardRecord | None = None,
+        masked_training: bool = False,
+        answer_mask: torch.Tensor | None = None,
+        gumbel_tau: float = 1.0,
+        keep_override: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        policy = sparsity_policy or _DEFAULT_POLICY
         record = sparsity_record if sparsity_record is not None else ForwardRecord()
+        if masked_training:
+            hidden = self._masked_forward(
+                inputs_embeds, attention_mask, position_ids, image_token_mask, tokens_per_image, answer_mask,
+                gumbel_tau, keep_override, record, **kwargs,
+            )
+            return BaseModelOutputWithPast(last_hidden_state=hidden)
+        policy = sparsity_policy or _DEFAULT_POLICY
         k_layer = self.sparsity.sparse_layer
         batch, seq = inputs_embeds.shape[:2]
 
@@ -189,6 +210,74 @@ class DynamicLlamaModel(LlamaModel):
                 hidden_s, attention_mask=sparse_mask, position_embeddings=(cos_s, sin_s), position_ids=pos_s, **layer_kwargs
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_s), past_key_values=cache)
+
+    def _masked_forward(
+        self, inputs_embeds, attention_mask, position_ids, image_token_mask, tokens_per_image, answer_mask,
+        gumbel_tau, keep_override, record, **kwargs,
+    ) -> torch.Tensor:
+        """Training path: the full sequence in every layer; in layers >= K dropped tokens are masked as keys.
+
+        Keep masks come from the predictors: hard Gumbel-Softmax samples (straight-through) in train
+        mode, the inference decisions (top share per image, keep > drop) in eval mode, or
+        `keep_override` ([B, N], 1 = keep) when given. Returns the final normed hidden states.
+        """
+        batch, seq = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = (
+                (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                if attention_mask is not None
+                else torch.arange(seq, device=inputs_embeds.device).unsqueeze(0)
+            )
+        position_ids = position_ids.expand(batch, -1)
+        full_mask = create_causal_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=None, position_ids=position_ids,
+        )
+        hidden = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        k_layer = self.sparsity.sparse_layer
+        for layer in self.layers[:k_layer]:
+            hidden = layer(hidden, attention_mask=full_mask, position_embeddings=position_embeddings,
+                           position_ids=position_ids, **kwargs)
+
+        key_keep = self._training_keep_mask(hidden, image_token_mask, tokens_per_image, answer_mask, gumbel_tau, record)
+        if keep_override is not None:
+            key_keep = keep_override.to(key_keep.dtype)
+        allowed = allowed_keys(attention_mask, batch, seq, hidden.device)
+        for layer in self.layers[k_layer:]:
+            if layer.gradient_checkpointing and self.training:
+                hidden = checkpoint(masked_layer_forward, layer, hidden, position_embeddings, allowed, key_keep,
+                                    use_reentrant=False)
+            else:
+                hidden = masked_layer_forward(layer, hidden, position_embeddings, allowed, key_keep)
+        return self.norm(hidden)
+
+    def _training_keep_mask(self, hidden, image_token_mask, tokens_per_image, answer_mask, tau, record):
+        """[B, N] float keep mask (1 for tokens never dropped); fills the record's keep means for the budget loss."""
+        batch, seq, width = hidden.shape
+        key_keep = torch.ones(batch, seq, dtype=torch.float32, device=hidden.device)
+        if image_token_mask is not None and self.image_predictor is not None and bool(image_token_mask.any()):
+            flat = image_token_mask.reshape(-1)
+            images = int(flat.sum()) // tokens_per_image
+            logits = self.image_predictor(hidden.reshape(-1, width)[flat].view(images, tokens_per_image, width))
+            if self.training:
+                keep = sample_keep(logits, tau)
+            else:
+                n_keep = max(1, math.floor(self.sparsity.image_keep_rate * tokens_per_image + 1e-6))
+                top = keep_log_prob(logits).topk(n_keep, dim=1).indices
+                keep = torch.zeros(images, tokens_per_image, device=hidden.device).scatter_(1, top, 1.0)
+            key_keep = key_keep.masked_scatter(image_token_mask, keep.reshape(-1))
+            counts = image_token_mask.sum(dim=1)
+            record.image_tokens = counts
+            record.image_keep_mean = (key_keep * image_token_mask).sum(dim=1) / counts.clamp(min=1)
+        if answer_mask is not None and self.text_predictor is not None and bool(answer_mask.any()):
+            logits = self.text_predictor(hidden[answer_mask])
+            keep = sample_keep(logits, tau) if self.training else (logits[..., KEEP] > logits[..., 1 - KEEP]).float()
+            key_keep = key_keep.masked_scatter(answer_mask, keep)
+            counts = answer_mask.sum(dim=1)
+            record.text_tokens = counts
+            record.text_keep_mean = (key_keep * answer_mask).sum(dim=1) / counts.clamp(min=1)
+        return key_keep
 
     def _select_image_tokens(self, hidden, image_token_mask, tokens_per_image, position_ids, policy, record):
         """[B, N] bool: False for image tokens dropped by the policy (each image keeps its top share)."""
@@ -354,6 +443,10 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         output_text_start: int | None = None,
         sparsity_policy: TokenPolicy | None = None,
         sparsity_stats: SparsityStats | None = None,
+        answer_mask: torch.Tensor | None = None,
+        gumbel_tau: float = 1.0,
+        keep_override: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> LlavaCausalLMOutputWithPast:
         """Same as `LlavaForConditionalGeneration.forward`, sparsified.
@@ -362,17 +455,23 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         `generate`); without a cache, earlier generated tokens are judged by the output-text policy.
         The returned logits cover the tokens that reached the last layer: `kept_index` (None when
         all did) maps them to input positions.
+
+        With `labels` it is the sparsification-aware training path instead: every token runs through
+        every layer, layers >= K mask dropped tokens as keys (`attention.py`), and the loss is the LM
+        cross-entropy plus `budget_weight * (R_I + R_OT)`. `answer_mask` marks the answer tokens the
+        output-text predictor may drop; `gumbel_tau` is the Gumbel-Softmax temperature;
+        `keep_override` ([B, N], 1 = keep) replaces the predictors' decisions.
         """
         self.config.check_sparsity()
-        if labels is not None:
-            raise NotImplementedError(
-                "Dynamic-LLaVA's forward is the inference path; it prunes tokens, so labels would not line up. "
-                "Use the training module's loss for fine-tuning."
-            )
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(
                 f"attention_mask must be the 2-D padding mask [batch, tokens] (got {attention_mask.ndim}-D): "
                 "the sparse layers build their own masks from it."
+            )
+        if labels is not None:
+            return self._masked_training_forward(
+                input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
+                keep_override, num_items_in_batch, kwargs,
             )
         if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
             past_key_values = None  # an empty default cache: replace it with ours
@@ -409,6 +508,42 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             kept_valid=record.kept_valid,
         )
         return out
+
+    def _masked_training_forward(
+        self, input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
+        keep_override, num_items_in_batch, kwargs,
+    ) -> "DynamicLlavaOutput":
+        image_token_mask, per_image = self._check_inputs(input_ids, pixel_values, kwargs, None, None)
+        record = ForwardRecord()
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            image_token_mask=image_token_mask,
+            tokens_per_image=per_image,
+            masked_training=True,
+            answer_mask=answer_mask,
+            gumbel_tau=gumbel_tau,
+            keep_override=keep_override,
+            sparsity_record=record,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        lm_loss = self.loss_function(
+            logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+        )
+        budget = budget_loss(record, self.config.image_keep_rate, self.config.text_keep_rate)
+        return DynamicLlavaOutput(
+            loss=lm_loss + self.config.budget_weight * budget,
+            logits=logits,
+            lm_loss=lm_loss,
+            budget_loss=budget,
+            image_keep_ratio=record.image_keep_mean,
+            text_keep_ratio=record.text_keep_mean,
+        )
 
     def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start):
         """Validate before any compute; return the prompt's image-token mask and tokens per image.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .predictors import KEEP
+from .predictors import KEEP, keep_log_prob
 
 
 class TokenPolicy:
@@ -34,7 +34,7 @@ class LearnedPolicy(TokenPolicy):
     def image_scores(self, model, hidden, positions):
         if model.image_predictor is None:
             return None
-        return torch.log_softmax(model.image_predictor(hidden).float(), dim=-1)[..., KEEP]
+        return keep_log_prob(model.image_predictor(hidden))
 
     def text_keep(self, model, hidden, positions):
         if model.text_predictor is None or model.sparsity.text_keep_rate >= 1.0:

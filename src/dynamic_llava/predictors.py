@@ -69,4 +69,14 @@ class TextPredictor(nn.Module):
         return self.mlp(self.norm(hidden))
 
 
-__all__ = ["ImagePredictor", "TextPredictor", "KEEP"]
+def keep_log_prob(logits: torch.Tensor) -> torch.Tensor:
+    """log P(keep) in fp32: the score by which each image keeps its top share."""
+    return torch.log_softmax(logits.float(), dim=-1)[..., KEEP]
+
+
+def sample_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Hard Gumbel-Softmax keep mask (0/1 forward, straight-through gradient), sampled in fp32."""
+    return nn.functional.gumbel_softmax(torch.log_softmax(logits.float(), dim=-1), tau=tau, hard=True)[..., KEEP]
+
+
+__all__ = ["ImagePredictor", "TextPredictor", "KEEP", "keep_log_prob", "sample_keep"]
