@@ -26,6 +26,20 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert isinstance(auto, DynamicLlavaForConditionalGeneration)
 
 
+def test_saved_layout_is_the_llava_hf_layout(tmp_path):
+    """A Dynamic-LLaVA checkpoint is a llava-hf checkpoint plus predictors: the stock class loads it."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = tiny_dynamic()
+    model.save_pretrained(tmp_path)
+    stock, info = LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert info["unexpected_keys"] and all("predictor" in k for k in info["unexpected_keys"])
+    ours = model.state_dict()
+    for key, value in stock.state_dict().items():
+        assert torch.equal(value, ours[key]), key
+
+
 def test_plain_llava_checkpoint_loads_with_fresh_predictors(tmp_path, caplog):
     model = tiny_dynamic()
     stock = stock_copy(model)

@@ -44,6 +44,64 @@ def demo(
 
 
 @app.command()
+def train(
+    model: str = typer.Argument(..., help="llava-hf or Dynamic-LLaVA checkpoint folder (with its processor)."),
+    data: str = typer.Argument(..., help="LLaVA conversation JSON (id, image, conversations)."),
+    images: str = typer.Argument(..., help="Folder the records' image paths are relative to."),
+    output_dir: str = typer.Argument(..., help="Checkpoints go here; the trained model to OUTPUT_DIR/final."),
+    trainable: str = typer.Option("full", help="What trains: predictors | full | lora."),
+    freeze_projector: bool = typer.Option(False, help="Keep the multimodal projector frozen."),
+    image_only: bool = typer.Option(False, help='Train the "I" model: no output-text predictor.'),
+    learning_rate: float = typer.Option(5e-6, help="Learning rate of the language model (and projector)."),
+    predictor_learning_rate: float = typer.Option(2e-4, help="Learning rate of the predictors."),
+    epochs: float = typer.Option(1.0, help="Passes over the data (ignored when --max-steps > 0)."),
+    max_steps: int = typer.Option(-1, help="Optimizer steps (overrides --epochs when > 0)."),
+    batch_size: int = typer.Option(4, help="Samples per device per step."),
+    gradient_accumulation_steps: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    save_steps: int = typer.Option(500, help="Checkpoint every N optimizer steps."),
+    seed: int = typer.Option(42, help="Seed of data order, Gumbel noise and fresh predictors."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (non-reentrant)."),
+    bf16: bool = typer.Option(False, help="Load and train in bfloat16."),
+    image_keep_rate: float = typer.Option(None, help="Target share of image tokens kept (default: the model's)."),
+    text_keep_rate: float = typer.Option(None, help="Target share of answer tokens kept (default: the model's)."),
+    sparse_layer: int = typer.Option(None, help="Layer K whose input the predictors read (default: the model's)."),
+    budget_weight: float = typer.Option(None, help="lambda of the budget loss (default: the model's, 100)."),
+    min_answer_tokens: int = typer.Option(None, help="Answers shorter than this keep every token (default 50)."),
+    on_bad_record: str = typer.Option("skip", help="skip | raise: what to do with a malformed record."),
+    chat_template: str = typer.Option(
+        None, help='"llava_v1" (answers end with </s>) or a Jinja template; default: the processor\'s.'
+    ),
+    deepspeed: str = typer.Option(None, help="DeepSpeed JSON config (multi-GPU), e.g. configs/deepspeed_zero2.json."),
+    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in OUTPUT_DIR if there is one."),
+) -> None:
+    """Sparsification-aware fine-tuning. Multi-process: `torchrun --nproc_per_node N -m dynamic_llava.cli train ...`."""
+    from .training import TrainingRecipe
+    from .training import train as run_training
+
+    sparsity = {
+        name: value
+        for name, value in dict(
+            image_keep_rate=image_keep_rate, text_keep_rate=text_keep_rate, sparse_layer=sparse_layer,
+            budget_weight=budget_weight, min_answer_tokens=min_answer_tokens,
+        ).items()
+        if value is not None
+    }
+    recipe = TrainingRecipe(
+        model=model, data=data, images=images, output_dir=output_dir, trainable=trainable,
+        freeze_projector=freeze_projector, image_only=image_only, learning_rate=learning_rate,
+        predictor_learning_rate=predictor_learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, bf16=bf16, on_bad_record=on_bad_record,
+        chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity,
+    )
+    try:
+        final = run_training(recipe)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"Trained model saved to {final}")
+
+
+@app.command()
 def version() -> None:
     """Print the versions of dynamic-llava, transformers and torch."""
     from importlib.metadata import PackageNotFoundError

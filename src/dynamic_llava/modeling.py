@@ -645,6 +645,9 @@ def _register_with_transformers() -> None:
     register_checkpoint_conversion_mapping(
         DynamicLlavaConfig.model_type, get_checkpoint_conversion_mapping("llava"), overwrite=True
     )
+    register_checkpoint_conversion_mapping(  # saved layout == llava-hf layout (+ predictors)
+        DynamicLlavaModel.__name__, get_checkpoint_conversion_mapping("LlavaModel"), overwrite=True
+    )
 
 
 _register_with_transformers()

@@ -1,0 +1,14 @@
+"""Sparsification-aware fine-tuning of Dynamic-LLaVA (SPEC section 3)."""
+
+from .recipe import TrainingRecipe, build_trainer, load_model, save_final, train
+from .trainer import DynamicLlavaTrainer, gumbel_temperature
+
+__all__ = [
+    "DynamicLlavaTrainer",
+    "TrainingRecipe",
+    "build_trainer",
+    "gumbel_temperature",
+    "load_model",
+    "save_final",
+    "train",
+]

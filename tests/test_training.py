@@ -1,0 +1,175 @@
+"""Fine-tuning with DynamicLlavaTrainer: budgets are learned, runs resume exactly, checkpoints are atomic."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from dynamic_llava import DynamicLlavaForConditionalGeneration
+from dynamic_llava.data import LlavaCollator
+from dynamic_llava.training import build_trainer, gumbel_temperature, train
+from training_setup import flat_parameters, recipe_for, write_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    write_world(root)
+    return root
+
+
+def realised_keep(model, batch, draws=30):
+    """Mean hard Gumbel keep decision of image and answer tokens (an estimate of the keep probability)."""
+    model.train()
+    image, text = [], []
+    with torch.no_grad():
+        for _ in range(draws):
+            out = model(**batch)
+            image.append(out.image_keep_ratio.mean())
+            text.append(out.text_keep_ratio[batch["answer_mask"].any(dim=1)].mean())
+    return float(torch.stack(image).mean()), float(torch.stack(text).mean())
+
+
+def test_temperature_schedule():
+    assert gumbel_temperature(0, 100) == 1.0
+    assert gumbel_temperature(100, 100) == pytest.approx(0.1)
+    assert gumbel_temperature(50, 100) == pytest.approx(0.1**0.5)
+
+
+def test_short_run_moves_keep_ratios_toward_targets(world):
+    recipe = recipe_for(world, "budget", trainable="predictors", max_steps=30, batch_size=5,
+                        predictor_learning_rate=1e-2, sparsity={"min_answer_tokens": 10, "text_keep_rate": 0.2})
+    trainer = build_trainer(recipe)
+    batch = LlavaCollator(0)([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    torch.manual_seed(0)
+    image_before, text_before = realised_keep(trainer.model, batch)
+    trainer.train()
+    torch.manual_seed(0)
+    image_after, text_after = realised_keep(trainer.model, batch)
+    assert abs(image_after - 0.2) < abs(image_before - 0.2) - 0.1, (image_before, image_after)
+    assert abs(text_after - 0.2) < abs(text_before - 0.2) - 0.1, (text_before, text_after)
+
+
+def test_frozen_parts_do_not_change(world):
+    trainer = build_trainer(recipe_for(world, "frozen", trainable="predictors", max_steps=2))
+    before = flat_parameters(trainer.model)
+    trainer.train()
+    after = flat_parameters(trainer.model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("predictor" in k for k in changed), changed
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(world):
+    common = dict(trainable="full", max_steps=6, save_steps=3, learning_rate=1e-3)
+    straight = build_trainer(recipe_for(world, "straight", **common))
+    straight.train()
+    expected = flat_parameters(straight.model)
+
+    first = build_trainer(recipe_for(world, "resumed", **common), callbacks=[StopAt(3)])
+    first.train()
+    assert os.path.isdir(world / "resumed" / "checkpoint-3")
+    final = train(recipe_for(world, "resumed", **common))  # finds checkpoint-3 and goes on
+    resumed = DynamicLlavaForConditionalGeneration.from_pretrained(final)
+    state = resumed.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(world, monkeypatch):
+    trainer = build_trainer(recipe_for(world, "atomic", trainable="predictors", max_steps=4, save_steps=2))
+    saves = {"n": 0}
+    original = DynamicLlavaForConditionalGeneration.save_pretrained
+
+    def failing_second_save(self, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError("disk full")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DynamicLlavaForConditionalGeneration, "save_pretrained", failing_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    run = world / "atomic"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    monkeypatch.setattr(DynamicLlavaForConditionalGeneration, "save_pretrained", original)
+    loaded = DynamicLlavaForConditionalGeneration.from_pretrained(run / "checkpoint-2")
+    assert loaded.config.model_type == "dynamic_llava"
+
+
+def test_lora_run_saves_a_merged_dynamic_llava(world):
+    base = flat_parameters(DynamicLlavaForConditionalGeneration.from_pretrained(world / "model"))
+    final = train(recipe_for(world, "lora", trainable="lora", max_steps=2, learning_rate=1e-2,
+                             gradient_checkpointing=True))
+    model = DynamicLlavaForConditionalGeneration.from_pretrained(final)
+    state = model.state_dict()
+    assert state.keys() == base.keys()
+    assert any(not torch.equal(state[k], base[k]) for k in base if "image_predictor" in k)
+    assert any(not torch.equal(state[k], base[k]) for k in base if ".layers." in k and "q_proj" in k)
+    assert all(torch.equal(state[k], base[k]) for k in base if "vision_tower" in k)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(world):
+    from tiny import make_prompts, tiny_dynamic
+
+    ids, mask, pixels = make_prompts([3, 5], [6, 4], seed=3)
+    keep = torch.ones_like(mask, dtype=torch.float32)
+    keep[:, 5:9] = 0
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_dynamic().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, keep_override=keep).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_two_process_run_ends_with_identical_parameters(world, tmp_path):
+    worker = Path(__file__).parent / "distributed_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(worker),
+         str(world), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    initial = flat_parameters(DynamicLlavaForConditionalGeneration.from_pretrained(world / "model"))
+    assert rank0.keys() == rank1.keys()
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # it trained
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_train_command(world):
+    from typer.testing import CliRunner
+
+    from dynamic_llava.cli import app
+
+    output = world / "cli"
+    args = ["train", str(world / "model"), str(world / "data.json"), str(world / "images"), str(output),
+            "--trainable", "predictors", "--max-steps", "2", "--batch-size", "2", "--image-keep-rate", "0.3"]
+    outcome = CliRunner().invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    trained = DynamicLlavaForConditionalGeneration.from_pretrained(output / "final")
+    assert trained.config.image_keep_rate == 0.3
+    bad = CliRunner().invoke(app, [*args[:5], "--trainable", "everything"])
+    assert bad.exit_code == 2 and "trainable='everything'" in bad.output
+    missing = CliRunner().invoke(app, ["train", str(world / "nope"), *args[2:5]])
+    assert missing.exit_code == 2 and "model folder not found" in missing.output
