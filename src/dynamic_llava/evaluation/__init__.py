@@ -1,0 +1,6 @@
+"""Benchmark runners and metrics."""
+
+from .metrics import chrf, exact_match, normalize, perplexity
+from .world import answer_perplexity, answer_questions, evaluate_world
+
+__all__ = ["answer_perplexity", "answer_questions", "chrf", "evaluate_world", "exact_match", "normalize", "perplexity"]

@@ -1,0 +1,142 @@
+"""Accuracy harness on the synthetic world: exact match per question type, long-answer chrF and perplexity,
+tokens kept and KV bytes, all through the Dynamic-LLaVA engine (keep rates 1.0 = the dense model)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..cache import DynamicLlavaCache
+from ..stats import SparsityStats
+from ..world.scenes import question_type
+from .metrics import chrf, exact_match, perplexity
+
+
+def first_turns(records: list[dict]) -> list[dict]:
+    """One evaluation item per record: its first question (with the image) and the reference answer."""
+    items = []
+    for record in records:
+        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        items.append({
+            "id": record["id"], "image": record["image"], "question": question,
+            "answer": record["conversations"][1]["value"], "type": question_type(question),
+        })
+    return items
+
+
+def _prompt(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def _batch_inputs(processor, items, image_root: Path, blank: bool):
+    texts = [processor.apply_chat_template(_prompt(item["question"]), add_generation_prompt=True) for item in items]
+    images = [Image.open(image_root / item["image"]).convert("RGB") for item in items]
+    if blank:
+        images = [Image.new("RGB", img.size, (115, 115, 115)) for img in images]
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+@torch.no_grad()
+def answer_questions(model, processor, items, image_root, batch_size=32, max_new_tokens=80, blank=False,
+                     policy=None, progress=True):
+    """Greedy answers for every item, with per-sample kept tokens and KV bytes."""
+    results = []
+    for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="answering"):
+        chunk = items[start : start + batch_size]
+        inputs = _batch_inputs(processor, chunk, Path(image_root), blank)
+        stats = SparsityStats()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, sparsity_stats=stats,
+                             sparsity_policy=policy, pad_token_id=processor.tokenizer.pad_token_id)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        per_layer_tokens = torch.stack(stats.kv_lengths).sum(dim=0) if stats.kv_lengths else None
+        for i, (item, text) in enumerate(zip(chunk, texts)):
+            results.append({
+                **item, "prediction": text.strip(),
+                "image_tokens_kept": int(stats.image_tokens_kept[i]) if stats.image_tokens_kept is not None else None,
+                "generated_kept": int(stats.generated_tokens_kept[i]) if stats.generated_tokens_kept is not None else None,
+                "generated": int(stats.generated_tokens[i]) if stats.generated_tokens is not None else None,
+                "kv_tokens": int(per_layer_tokens[i]) if per_layer_tokens is not None else None,
+            })
+    return results
+
+
+@torch.no_grad()
+def answer_perplexity(model, processor, items, image_root, batch_size=16, policy=None, progress=True) -> float:
+    """Perplexity of the reference answers under teacher forcing, decoding with the KV cache (the
+    output-text predictor decides, token by token, which answer tokens stay in layers >= K)."""
+    total_nll, total_tokens = 0.0, 0
+    tokenizer = processor.tokenizer
+    for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="perplexity"):
+        chunk = items[start : start + batch_size]
+        inputs = _batch_inputs(processor, chunk, Path(image_root), blank=False)
+        answers = [tokenizer(item["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                   for item in chunk]
+        length = max(len(a) for a in answers)
+        targets = torch.full((len(chunk), length), tokenizer.pad_token_id)
+        valid = torch.zeros(len(chunk), length, dtype=torch.bool)
+        for i, a in enumerate(answers):
+            targets[i, : len(a)] = torch.tensor(a)
+            valid[i, : len(a)] = True
+        mask = inputs["attention_mask"]
+        prompt_length = mask.shape[1]
+        cache = DynamicLlavaCache.from_config(model.config)
+        out = model(**inputs, past_key_values=cache, use_cache=True, output_text_start=prompt_length,
+                    sparsity_policy=policy, logits_to_keep=1)
+        for step in range(length):
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            nll = -logp.gather(1, targets[:, step : step + 1]).squeeze(1)
+            total_nll += float(nll[valid[:, step]].sum())
+            total_tokens += int(valid[:, step].sum())
+            if step == length - 1:
+                break
+            mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=mask.dtype)], dim=1)
+            position = (mask.sum(dim=1, keepdim=True) - 1)
+            out = model(input_ids=targets[:, step : step + 1], attention_mask=mask, position_ids=position,
+                        past_key_values=cache, use_cache=True, output_text_start=prompt_length,
+                        sparsity_policy=policy)
+    return perplexity(total_nll, total_tokens)
+
+
+def evaluate_world(model, processor, split_json, image_root, limit=None, batch_size=32, policy=None,
+                   blank_control=True, progress=True) -> dict:
+    """Per-type exact match (and with blank images, the chance control), description chrF and
+    perplexity, mean image tokens kept, generated tokens kept and KV tokens per sample."""
+    records = json.loads(Path(split_json).read_text())[:limit]
+    items = first_turns(records)
+    short = [i for i in items if i["type"] != "describe"]
+    long = [i for i in items if i["type"] == "describe"]
+    report: dict = {"samples": len(items)}
+    answers = answer_questions(model, processor, short, image_root, batch_size, 6, policy=policy, progress=progress)
+    by_type = defaultdict(list)
+    for a in answers:
+        by_type[a["type"]].append(exact_match(a["prediction"], a["answer"]))
+    report["accuracy"] = {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
+    report["accuracy_all"] = sum(sum(v) for v in by_type.values()) / max(len(answers), 1)
+    if blank_control:
+        blank = answer_questions(model, processor, short, image_root, batch_size, 6, blank=True, policy=policy,
+                                 progress=progress)
+        blank_by_type = defaultdict(list)
+        for a in blank:
+            blank_by_type[a["type"]].append(exact_match(a["prediction"], a["answer"]))
+        report["accuracy_blank_image"] = {t: sum(v) / len(v) for t, v in sorted(blank_by_type.items())}
+    if long:
+        described = answer_questions(model, processor, long, image_root, batch_size, 80, policy=policy,
+                                     progress=progress)
+        report["describe_chrf"] = chrf([d["prediction"] for d in described], [d["answer"] for d in described])
+        report["describe_exact"] = sum(exact_match(d["prediction"], d["answer"]) for d in described) / len(described)
+        report["describe_ppl"] = answer_perplexity(model, processor, long, image_root, batch_size, policy, progress)
+        answers = answers + described
+    report["image_tokens_kept"] = sum(a["image_tokens_kept"] or 0 for a in answers) / len(answers)
+    kept = [a for a in answers if a["generated"]]
+    report["generated_kept_share"] = sum(a["generated_kept"] for a in kept) / max(sum(a["generated"] for a in kept), 1)
+    report["kv_tokens_per_sample"] = sum(a["kv_tokens"] or 0 for a in answers) / len(answers)
+    return report
+
+
+__all__ = ["answer_perplexity", "answer_questions", "evaluate_world", "first_turns"]

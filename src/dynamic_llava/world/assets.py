@@ -1,0 +1,49 @@
+"""The world's tokenizer (trained with `tokenizers`) and llava-hf processor, saved with its models."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+from ..data import LLAVA_V1_CHAT_TEMPLATE
+from .scenes import corpus
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = 0, 1, 2, 3
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the world's words (one token per word or punctuation mark), BOS added."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.train_from_iterator(corpus(), trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        clean_up_tokenization_spaces=False,
+        padding_side="left",
+    )
+
+
+def build_processor(image_size: int = 96, patch_size: int = 8) -> LlavaProcessor:
+    """CLIP-style image processing at `image_size` px; one image = (image_size / patch_size)^2 tokens."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_V1_CHAT_TEMPLATE,
+    )
+
+
+__all__ = ["build_processor", "build_tokenizer", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID"]
