@@ -8,7 +8,16 @@ from .modeling import (
     DynamicLlavaModel,
     DynamicLlavaOutput,
 )
-from .policies import LearnedPolicy, RandomPolicy, TokenPolicy
+from .policies import (
+    FastVPolicy,
+    H2OPolicy,
+    LearnedPolicy,
+    PolicyContext,
+    RandomPolicy,
+    StreamingLLMPolicy,
+    TextSlots,
+    TokenPolicy,
+)
 from .predictors import ImagePredictor, TextPredictor
 from .stats import ForwardRecord, SparsityStats
 
@@ -21,12 +30,17 @@ __all__ = [
     "DynamicLlavaModel",
     "DynamicLlamaModel",
     "DynamicLlavaOutput",
+    "FastVPolicy",
     "ForwardRecord",
+    "H2OPolicy",
     "ImagePredictor",
     "LearnedPolicy",
+    "PolicyContext",
     "RandomPolicy",
     "SparseLayer",
     "SparsityStats",
+    "StreamingLLMPolicy",
     "TextPredictor",
+    "TextSlots",
     "TokenPolicy",
 ]

@@ -1,16 +1,20 @@
 """Dynamic-LLaVA on stock transformers LLaVA: the sparse decoder loop and the model users load.
 
 `DynamicLlamaModel` owns the Llama decoder loop. Layers < K run on the full sequence. At layer K a
-policy (by default the learned predictors) decides which tokens the deeper layers keep:
+policy (`policies/`; by default the learned predictors) decides which tokens the deeper layers keep:
 
-* image tokens: each image keeps its top ``floor(image_keep_rate * tokens)`` by keep score;
-* generated tokens: kept or dropped one by one by the output-text predictor.
+* image tokens: each image keeps its top ``floor(image_keep_rate * tokens)`` by the policy's score;
+* generated tokens: kept or dropped one by one as they enter (output-text predictor), and, for
+  eviction policies (StreamingLLM-style windows), earlier generated tokens leave the context later.
 
 Kept tokens are gathered (hidden states, original position ids, rotary cos/sin, padding mask) into
 a shorter sequence; samples that keep fewer tokens get masked filler slots on the left, exactly like
 left padding, so a batch is computed as its samples would be one by one. With a cache, layers >= K
 store only kept K/V (`DynamicLlavaCache`); without one, each step recomputes the sequence and drops
 what the policy drops. The newest token is always computed, so its logits are always returned.
+Evicted generated tokens leave the cache; without a cache they stay in the recomputed sequence but
+are hidden from every query after their eviction (their own, earlier, outputs shaped the tokens that
+came after them, exactly as the cached K/V did), so both modes give the same tokens.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
 from .checkpoints import checkpoint_tensor_shapes, predictor_mismatches, stored_predictor_shapes
 from .config import SPARSITY_FIELDS, DynamicLlavaConfig
-from .policies import LearnedPolicy, TokenPolicy
+from .policies import LearnedPolicy, PolicyContext, TextSlots, TokenPolicy, layer_keys, query_attention
 from .losses import budget_loss
 from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
 from .stats import ForwardRecord, SparsityStats
@@ -155,7 +159,9 @@ class DynamicLlamaModel(LlamaModel):
         hidden = inputs_embeds
         cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
         layer_kwargs = dict(past_key_values=cache, use_cache=use_cache, **kwargs)
-        for layer in self.layers[:k_layer]:
+        for i, layer in enumerate(self.layers[:k_layer]):
+            if i == k_layer - 1:
+                hidden_before = hidden  # entering layer K-1: attention-based policies (FastV) read it
             hidden = layer(
                 hidden, attention_mask=full_mask, position_embeddings=(cos, sin), position_ids=position_ids, **layer_kwargs
             )
@@ -166,19 +172,28 @@ class DynamicLlamaModel(LlamaModel):
             if attention_mask is not None
             else torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
         )
+        text_start = self._text_start(seq, past, output_text_start, cache)  # generated text: input[text_start:]
         store = valid.clone()  # tokens the deeper layers keep (and cache)
         if image_token_mask is not None:
-            store &= self._select_image_tokens(hidden, image_token_mask, tokens_per_image, position_ids, policy, record)
-        generated = self._generated_mask(batch, seq, past, output_text_start, cache, hidden.device)
-        if generated is not None:
-            store &= self._select_text_tokens(hidden, generated, position_ids, policy, record)
+            prompt_end = max((seq if text_start is None else text_start) - 1, 0)
+            context = PolicyContext(hidden_before, (cos, sin), valid, image_token_mask, prompt_end, past)
+            store &= self._select_image_tokens(
+                hidden, image_token_mask, tokens_per_image, position_ids, policy, context, record
+            )
+        if text_start is not None:
+            store &= self._select_text_tokens(hidden, text_start, cache is None, position_ids, policy, record)
         keep = store.clone()
         keep[:, -1] = True  # the newest token is always computed: its logits are the output
         keep |= ~valid  # padding stays in place (masked), so shapes match the dense model
 
+        # each token's column in the full sequence, and the same for generated tokens only (-1 for the
+        # prompt): eviction policies measure a generated token's age with it
+        columns = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
+        text_columns = columns.masked_fill(columns < past + (seq if text_start is None else text_start), -1)
         if bool(keep.all()):
             index, slot_valid = None, None
             hidden_s, pos_s, cos_s, sin_s, valid_s, store_s = hidden, position_ids, cos, sin, valid, store
+            columns_s, text_columns_s = columns, text_columns
         else:
             n_keep = int(keep.sum(dim=1).max())
             # stable sort puts dropped tokens first, kept ones last, each in position order
@@ -189,14 +204,21 @@ class DynamicLlamaModel(LlamaModel):
             pos_s = position_ids.gather(1, index)
             valid_s = valid.gather(1, index) & slot_valid
             store_s = store.gather(1, index) & slot_valid
+            columns_s, text_columns_s = columns.gather(1, index), text_columns.gather(1, index)
         record.kept_index, record.kept_valid = index, slot_valid
 
+        visible = None  # [B, Q, keys] key visibility beyond causality and padding (eviction policies)
+        if policy.evicts_text and text_start is not None:
+            visible = self._evict_text(policy, cache, columns_s, text_columns_s, record)
         mask_2d = valid_s
         if cache is not None:
             past_valid = cache.sparse_valid_mask()
             if past_valid is not None:
                 mask_2d = torch.cat([past_valid, valid_s], dim=1)
-            cache.set_store_mask(store_s)
+            received = None
+            if policy.needs_attention and text_start is not None:
+                received = self._attention_received(cache, hidden_s, (cos_s, sin_s), mask_2d, valid_s, visible)
+            cache.set_store_mask(store_s, text_columns_s, received)
         sparse_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden_s,
@@ -204,6 +226,7 @@ class DynamicLlamaModel(LlamaModel):
             past_key_values=cache,
             position_ids=pos_s,
             layer_idx=k_layer,
+            and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - visible.shape[1]),
         )
         for layer in self.layers[k_layer:]:
             hidden_s = layer(
@@ -279,7 +302,7 @@ class DynamicLlamaModel(LlamaModel):
             record.text_keep_mean = (key_keep * answer_mask).sum(dim=1) / counts.clamp(min=1)
         return key_keep
 
-    def _select_image_tokens(self, hidden, image_token_mask, tokens_per_image, position_ids, policy, record):
+    def _select_image_tokens(self, hidden, image_token_mask, tokens_per_image, position_ids, policy, context, record):
         """[B, N] bool: False for image tokens dropped by the policy (each image keeps its top share)."""
         batch, seq, width = hidden.shape
         keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
@@ -292,7 +315,7 @@ class DynamicLlamaModel(LlamaModel):
         images = int(flat.sum()) // tokens_per_image
         img_hidden = hidden.reshape(-1, width)[flat].view(images, tokens_per_image, width)
         img_pos = position_ids.reshape(-1)[flat].view(images, tokens_per_image)
-        scores = policy.image_scores(self, img_hidden, img_pos)
+        scores = policy.image_scores(self, img_hidden, img_pos, context)
         if scores is None:
             return keep
         n_keep = max(1, math.floor(rate * tokens_per_image + 1e-6))
@@ -301,37 +324,100 @@ class DynamicLlamaModel(LlamaModel):
         record.image_kept = (keep & image_token_mask).sum(dim=1)
         return keep
 
-    def _generated_mask(self, batch, seq, past, output_text_start, cache, device):
-        """[B, N] bool of generated tokens the output-text policy judges, or None."""
+    def _text_start(self, seq, past, output_text_start, cache) -> int | None:
+        """Index in this input where generated text begins (generated tokens are a suffix); None: none."""
         if output_text_start is not None:
-            absolute = torch.arange(past, past + seq, device=device)
-            generated = absolute >= output_text_start
-        elif cache is not None and past > 0 and seq == 1:
-            generated = torch.ones(1, dtype=torch.bool, device=device)  # a manual decode step with cache
-        else:
-            return None
-        if cache is None:
-            generated[-1:] = False  # without cache the newest token is never judged (always kept)
-        if not bool(generated.any()):
-            return None
-        return generated.unsqueeze(0).expand(batch, -1)
+            start = max(output_text_start - past, 0)
+            return start if start < seq else None
+        if cache is not None and past > 0 and seq == 1:
+            return 0  # a manual decode step with cache
+        return None
 
-    def _select_text_tokens(self, hidden, generated, position_ids, policy, record):
-        """[B, N] bool: False for generated tokens the policy drops."""
-        keep = torch.ones_like(generated)
-        decision = policy.text_keep(self, hidden[generated], position_ids[generated])
-        record.text_tokens = generated.sum(dim=1)
-        if decision is None:
-            record.text_kept = record.text_tokens.clone()
+    def _select_text_tokens(self, hidden, text_start, recomputing, position_ids, policy, record):
+        """[B, N] bool: False for generated tokens the policy drops as they enter.
+
+        Recomputing without cache, the newest token is never judged (always kept)."""
+        batch, seq, width = hidden.shape
+        keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
+        judged = slice(text_start, seq - 1 if recomputing else seq)
+        n_judged = judged.stop - judged.start
+        if n_judged <= 0:
             return keep
-        keep[generated] = decision
-        record.text_kept = (keep & generated).sum(dim=1)
+        record.text_tokens = torch.full((batch,), n_judged, device=hidden.device)
+        decision = policy.text_keep(self, hidden[:, judged].reshape(-1, width), position_ids[:, judged].reshape(-1))
+        if decision is not None:
+            keep[:, judged] = decision.view(batch, n_judged)
+        record.text_kept = keep[:, judged].sum(dim=1)
         return keep
+
+    def _evict_text(self, policy, cache, columns, text_columns, record):
+        """Let the policy evict earlier generated tokens; return the [B, Q, T + Q] key visibility for
+        layers >= K, or None when every key left is visible to every query (one new token with a cache).
+
+        With a cache, stored tokens the first new query may no longer see are removed from it (the
+        policy is monotone: later queries cannot see them either). Without one, no token is removed:
+        each query is denied the generated keys evicted before it, which is what it saw with a cache.
+        """
+        keys = text_columns
+        stored = cache.stored_text_columns() if cache is not None else None
+        if stored is not None:
+            drop = self._evicted(policy, columns[:, :1] - stored, stored, cache.stored_attention())
+            record.text_evicted = cache.evict(drop)
+            if columns.shape[1] == 1:
+                return None
+            keys = torch.cat([cache.stored_text_columns(), text_columns], dim=1)
+        if "flash" in self.config._attn_implementation:
+            raise ValueError(
+                f"{type(policy).__name__} without a cache needs a per-query key mask, which "
+                f"{self.config._attn_implementation} cannot take: use sdpa or eager attention, or use_cache=True."
+            )
+        ages = columns.unsqueeze(2) - keys.unsqueeze(1)
+        hidden_keys = self._evicted(policy, ages, keys.unsqueeze(1).expand_as(ages), None)
+        if cache is None:
+            record.text_evicted = hidden_keys[:, -1].sum(dim=1)  # as seen by the newest token
+        return ~hidden_keys
+
+    def _attention_received(self, cache, hidden, position_embeddings, mask_2d, valid, visible):
+        """Attention the new tokens pay in layer K (mean over heads), for policies that rank by it (H2O).
+
+        Only the new tokens' rows are computed, over the stored layer-K keys and their own; the part
+        the stored tokens receive is added to the cache, the new tokens' own part is returned ([B, Q]).
+        """
+        k_layer = self.sparsity.sparse_layer
+        layer, stored = self.layers[k_layer], cache.layers[k_layer]
+        new_keys = layer_keys(layer, hidden, position_embeddings)
+        keys = torch.cat([stored.keys, new_keys], dim=2) if stored.is_initialized else new_keys
+        queries, n_stored = hidden.shape[1], keys.shape[2] - hidden.shape[1]
+        causal = torch.ones(queries, n_stored + queries, dtype=torch.bool, device=hidden.device).tril(n_stored)
+        allowed = (causal & mask_2d.unsqueeze(1)) | ~valid.unsqueeze(2)  # filler rows: anything, then zeroed
+        if visible is not None:
+            allowed &= visible
+        received = (query_attention(layer, hidden, position_embeddings, keys, allowed) * valid.unsqueeze(2)).sum(dim=1)
+        if n_stored:
+            cache.add_attention(received[:, :n_stored])
+        return received[:, n_stored:]
+
+    def _evicted(self, policy, ages, key_text_columns, attention):
+        """bool like `ages`: generated keys the policy evicts (never a token for itself or a later one)."""
+        generated = key_text_columns >= 0
+        drop = policy.text_evict(self, TextSlots(ages=ages, generated=generated, attention=attention))
+        if drop is None:
+            return torch.zeros_like(generated)
+        return drop & generated & (ages > 0)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, N, D], index [B, N'] -> [B, N', D]."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _visibility_function(visible: torch.Tensor, q_offset: int):
+    """A transformers mask function reading `visible` [B, Q, keys] (queries start at key column `q_offset`)."""
+
+    def mask(batch_idx, head_idx, q_idx, kv_idx):
+        return visible[batch_idx, q_idx - q_offset, kv_idx]
+
+    return mask
 
 
 class DynamicLlavaModel(LlavaModel):

@@ -17,6 +17,7 @@ class ForwardRecord:
     image_kept: torch.Tensor | None = None  # [B] of those, kept for layers >= K
     text_tokens: torch.Tensor | None = None  # [B] generated tokens judged by the text policy
     text_kept: torch.Tensor | None = None  # [B] of those, kept
+    text_evicted: torch.Tensor | None = None  # [B] earlier generated tokens evicted (cache) / hidden from the newest
     image_keep_mean: torch.Tensor | None = None  # training: [B] mean (differentiable) keep of image tokens
     text_keep_mean: torch.Tensor | None = None  # training: [B] mean keep of the eligible answer tokens
 
@@ -29,9 +30,12 @@ class SparsityStats:
     ----------
     image_tokens, image_tokens_kept : [B] image tokens in the prompt and kept for layers >= K.
     generated_tokens, generated_tokens_kept : [B] generated tokens judged by the output-text policy,
-        and how many of them stay in the context of layers >= K. With a cache every token fed back is
+        and how many of them enter the context of layers >= K. With a cache every token fed back is
         judged (N new tokens -> N - 1 judged: the last one is never fed back); without a cache the
         newest token of a step is always kept, so the last step judges N - 2.
+    generated_tokens_evicted : [B] of the kept ones, how many an eviction policy (e.g. a StreamingLLM
+        window) later removed from layers >= K: evicted from the cache, or, without a cache, hidden
+        from the newest token of the last step. None when the policy evicts nothing.
     kv_lengths : per layer, [B] tokens held in the KV cache (after the last step; empty without cache).
         Layers < K hold the padded batch length, layers >= K only each sample's kept tokens.
     kv_bytes : per layer, bytes held by the K/V tensors.
@@ -43,6 +47,7 @@ class SparsityStats:
     image_tokens_kept: torch.Tensor | None = None
     generated_tokens: torch.Tensor | None = None
     generated_tokens_kept: torch.Tensor | None = None
+    generated_tokens_evicted: torch.Tensor | None = None
     kv_lengths: list[torch.Tensor] = field(default_factory=list)
     kv_bytes: list[int] = field(default_factory=list)
     dense_kv_bytes: int = 0
@@ -59,6 +64,11 @@ class SparsityStats:
                 self.generated_tokens_kept = self.generated_tokens_kept + record.text_kept
             else:
                 self.generated_tokens, self.generated_tokens_kept = record.text_tokens, record.text_kept
+        if record.text_evicted is not None:
+            if accumulate_text and self.generated_tokens_evicted is not None:
+                self.generated_tokens_evicted = self.generated_tokens_evicted + record.text_evicted
+            else:
+                self.generated_tokens_evicted = record.text_evicted
         if cache is not None:
             self.kv_lengths = cache.layer_lengths()
             self.kv_bytes = cache.layer_nbytes()
@@ -79,6 +89,7 @@ class SparsityStats:
             "image_tokens_kept": lst(self.image_tokens_kept),
             "generated_tokens": lst(self.generated_tokens),
             "generated_tokens_kept": lst(self.generated_tokens_kept),
+            "generated_tokens_evicted": lst(self.generated_tokens_evicted),
             "kv_bytes": self.total_kv_bytes,
             "dense_kv_bytes": self.dense_kv_bytes,
             "kv_lengths": [lst(t) for t in self.kv_lengths],

@@ -1,0 +1,25 @@
+"""Who decides which tokens layers >= K keep: one small interface (`TokenPolicy`), one module per method.
+
+The engine that applies a policy (gather, cache, masks) is `modeling.py`; see `base.py` for the
+questions a policy answers.
+"""
+
+from .base import PolicyContext, TextSlots, TokenPolicy, layer_keys, query_attention
+from .fastv import FastVPolicy
+from .h2o import H2OPolicy
+from .learned import LearnedPolicy
+from .random import RandomPolicy
+from .streaming import StreamingLLMPolicy
+
+__all__ = [
+    "FastVPolicy",
+    "H2OPolicy",
+    "LearnedPolicy",
+    "PolicyContext",
+    "RandomPolicy",
+    "StreamingLLMPolicy",
+    "TextSlots",
+    "TokenPolicy",
+    "layer_keys",
+    "query_attention",
+]
