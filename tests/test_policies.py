@@ -274,7 +274,9 @@ def test_eviction_compacts_each_sample():
     assert cache.evict(torch.zeros(3, 4, dtype=torch.bool)).tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("policy", [StreamingLLMPolicy(window=2), H2OPolicy(heavy=1, recent=2)], ids=["streaming", "h2o"])
+@pytest.mark.parametrize(
+    "policy", [StreamingLLMPolicy(window=2), H2OPolicy(heavy=1, recent=2)], ids=["streaming", "h2o"]
+)
 def test_beam_search_with_eviction_equals_one_by_one(policy):
     model = tiny_dynamic(**NO_PREDICTORS)
     ids, mask, pixels = make_prompts([2, 5, 1], [3, 1, 4], seed=15)

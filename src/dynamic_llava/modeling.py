@@ -210,7 +210,7 @@ class DynamicLlamaModel(LlamaModel):
         visible = None  # [B, Q, keys] key visibility beyond causality and padding (eviction policies)
         if policy.evicts_text and text_start is not None:
             visible = self._evict_text(policy, cache, columns_s, text_columns_s, record)
-        mask_2d = valid_s
+        mask_2d, seq_s = valid_s, valid_s.shape[1]
         if cache is not None:
             past_valid = cache.sparse_valid_mask()
             if past_valid is not None:
@@ -226,7 +226,7 @@ class DynamicLlamaModel(LlamaModel):
             past_key_values=cache,
             position_ids=pos_s,
             layer_idx=k_layer,
-            and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - visible.shape[1]),
+            and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - seq_s),
         )
         for layer in self.layers[k_layer:]:
             hidden_s = layer(
@@ -445,7 +445,8 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     Loads any llava-hf (LLaVA-1.5 layout) checkpoint with `from_pretrained`; a checkpoint without
     predictors gets fresh ones. Use it like `LlavaForConditionalGeneration`: `forward`, `generate`
     (with or without cache, batched). Extra arguments: `sparsity_stats` (a `SparsityStats` to fill)
-    and `sparsity_policy` (a `TokenPolicy`; default: the learned predictors).
+    and `sparsity_policy` (a `TokenPolicy` from `dynamic_llava.policies`: `LearnedPolicy`, the default,
+    `RandomPolicy`, `FastVPolicy`, `StreamingLLMPolicy`, `H2OPolicy`).
     """
 
     config_class = DynamicLlavaConfig
