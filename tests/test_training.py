@@ -29,8 +29,8 @@ def realised_keep(model, batch, draws=30):
     with torch.no_grad():
         for _ in range(draws):
             out = model(**batch)
-            image.append(out.image_keep_ratio.mean())
-            text.append(out.text_keep_ratio[batch["answer_mask"].any(dim=1)].mean())
+            image.append(out.image_keep_ratio.nanmean())
+            text.append(out.text_keep_ratio.nanmean())  # NaN for samples without an eligible answer
     return float(torch.stack(image).mean()), float(torch.stack(text).mean())
 
 

@@ -65,7 +65,8 @@ class DynamicLlavaOutput(LlavaCausalLMOutputWithPast):
     kept_index : [B, N'] input positions that reached the last layer (None: all of them).
     kept_valid : [B, N'] False for filler slots of samples that kept fewer tokens than the longest.
     lm_loss, budget_loss : the cross-entropy and R_I + R_OT (loss = lm_loss + budget_weight * budget_loss).
-    image_keep_ratio, text_keep_ratio : [B] realised keep share of image / eligible answer tokens.
+    image_keep_ratio, text_keep_ratio : [B] realised keep share of image / eligible answer tokens
+        (NaN for samples that have none; detached: for reading, the loss has its own).
     """
 
     kept_index: torch.Tensor | None = None
@@ -406,6 +407,13 @@ class DynamicLlamaModel(LlamaModel):
         return drop & generated & (ages > 0)
 
 
+def _only_where(values: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor | None:
+    """A detached copy of per-sample `values` with NaN where the sample had no such tokens."""
+    if values is None:
+        return None
+    return torch.where(counts > 0, values.detach(), torch.full_like(values, float("nan")))
+
+
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, N, D], index [B, N'] -> [B, N', D]."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -628,8 +636,8 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logits=logits,
             lm_loss=lm_loss,
             budget_loss=budget,
-            image_keep_ratio=record.image_keep_mean,
-            text_keep_ratio=record.text_keep_mean,
+            image_keep_ratio=_only_where(record.image_keep_mean, record.image_tokens),
+            text_keep_ratio=_only_where(record.text_keep_mean, record.text_tokens),
         )
 
     def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start):

@@ -38,8 +38,7 @@ class DynamicLlavaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.predictor_learning_rate = predictor_learning_rate
         self.loss_is_scaled_for_ga = True
-        self._metric_sums: dict[str, float] = {}
-        self._metric_count = 0
+        self._metric_sums: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last log
         self._staging = False
 
     # ---------------------------------------------------------------- loss
@@ -60,17 +59,18 @@ class DynamicLlavaTrainer(Trainer):
     def _track(self, outputs, tau: float) -> None:
         values = {"lm_loss": outputs.lm_loss, "budget_loss": outputs.budget_loss, "tau": tau}
         for name, ratio in (("image_keep", outputs.image_keep_ratio), ("text_keep", outputs.text_keep_ratio)):
-            if ratio is not None:
-                values[name] = ratio.mean()
+            if ratio is not None and not bool(ratio.isnan().all()):
+                values[name] = ratio.nanmean()  # over the samples that have such tokens
         for name, value in values.items():
-            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
-        self._metric_count += 1
+            total, count = self._metric_sums.get(name, (0.0, 0))
+            value = float(value.detach()) if torch.is_tensor(value) else float(value)
+            self._metric_sums[name] = (total + value, count + 1)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mean LM loss, budget loss, keep ratios and temperature since the last log."""
-        if self._metric_count and "loss" in logs:
-            logs.update({k: round(v / self._metric_count, 4) for k, v in self._metric_sums.items()})
-            self._metric_sums, self._metric_count = {}, 0
+        if self._metric_sums and "loss" in logs:
+            logs.update({k: round(total / count, 4) for k, (total, count) in self._metric_sums.items()})
+            self._metric_sums = {}
         super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------------- optimizer
