@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench world
 
 install: $(STAMP)
 
@@ -28,3 +28,7 @@ test: install
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/engine_benchmark.py
 
+
+# Rebuild the synthetic world from nothing: data, the tiny dense LLaVA, its Dynamic-LLaVA, the report.
+world: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dynamic-llava world --output checkpoints --work runs/world

@@ -80,3 +80,23 @@ def test_harness_runs_through_the_engine(tmp_path):
 def test_exact_match_normalisation():
     assert exact_match("Top left.", "top left")
     assert not exact_match("top", "top left")
+
+
+def test_world_demo_runs_on_saved_checkpoints(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from dynamic_llava.world.build import DENSE_DIR, DYNAMIC_DIR
+    from dynamic_llava.world.demo import checkpoints_present, run_world_demo
+
+    processor = build_processor()
+    config = tiny_llava_config(len(processor.tokenizer), width=32, layers=3)
+    assert not checkpoints_present(tmp_path)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / DENSE_DIR)
+    DynamicLlavaForConditionalGeneration(DynamicLlavaConfig(**config.to_dict())).save_pretrained(tmp_path / DYNAMIC_DIR)
+    for name in (DENSE_DIR, DYNAMIC_DIR):
+        processor.save_pretrained(tmp_path / name)
+    assert checkpoints_present(tmp_path)
+    result = run_world_demo(tmp_path, samples=6, show=False)
+    assert result["image_tokens_kept"] == {"dense": 144, "Dynamic-LLaVA": int(0.2 * 144)}
+    assert result["kv_bytes"]["Dynamic-LLaVA"] < result["kv_bytes"]["dense"]

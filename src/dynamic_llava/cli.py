@@ -26,14 +26,23 @@ def demo(
         0.2, "--image-keep-rate", help="Share of each image's tokens kept after layer K, in (0, 1]."
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds the random weights, prompts and images."),
+    checkpoints: str = typer.Option("checkpoints", help="Folder of the trained world models (tiny-llava, ...)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Use the random-weight model even if "
+                                        "trained checkpoints are there."),
 ) -> None:
-    """Generate with a small random-weight LLaVA, dense and with Dynamic-LLaVA, and show what is kept and saved."""
+    """Dense vs Dynamic-LLaVA side by side: on the trained world models when present (questions answered,
+    accuracy, tokens kept, KV saved), else on a random-weight LLaVA (what is kept and saved)."""
     if max_new_tokens < 2:
         _fail(f"--max-new-tokens must be at least 2, got {max_new_tokens}.")
     if not 0.0 < image_keep_rate <= 1.0:
         _fail(f"--image-keep-rate must be in (0, 1] (1.0 keeps every image token), got {image_keep_rate}.")
     if seed < 0:
         _fail(f"--seed must be >= 0, got {seed}.")
+    from .world.demo import checkpoints_present, run_world_demo
+
+    if not random_weights and checkpoints_present(checkpoints):
+        run_world_demo(checkpoints, image_keep_rate=image_keep_rate)
+        return
 
     from .demo import run_demo  # imports torch and transformers: only when needed
 
@@ -99,6 +108,28 @@ def train(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     typer.echo(f"Trained model saved to {final}")
+
+
+@app.command()
+def world(
+    output: str = typer.Option("checkpoints", help="Where the dense and Dynamic-LLaVA checkpoints are written."),
+    work: str = typer.Option("runs/world", help="Data and intermediate runs."),
+    seed: int = typer.Option(0, help="Seeds the world, the weights and the data order."),
+    describe_steps: int = typer.Option(600, help="Dense steps on descriptions only (stage 1)."),
+    dense_steps: int = typer.Option(1500, help="Dense steps on every question type (stage 2)."),
+    dynamic_steps: int = typer.Option(300, help="Dynamic-LLaVA fine-tuning steps."),
+    eval_limit: int = typer.Option(600, help="Test samples evaluated per model."),
+) -> None:
+    """Build the synthetic world from nothing: data, a tiny dense LLaVA, its Dynamic-LLaVA, and their accuracy."""
+    import json
+
+    from .world.build import WorldRecipe, build_world
+
+    report = build_world(WorldRecipe(
+        output=output, work=work, seed=seed, describe_steps=describe_steps, dense_steps=dense_steps,
+        dynamic_steps=dynamic_steps, eval_limit=eval_limit,
+    ))
+    typer.echo(json.dumps(report, indent=2))
 
 
 @app.command()
