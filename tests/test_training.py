@@ -131,7 +131,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(world):
     for checkpointing in (False, True):
         model = tiny_dynamic().train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, keep_override=keep).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

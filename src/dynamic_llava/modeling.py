@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -40,7 +41,6 @@ from transformers.utils import logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from torch.utils.checkpoint import checkpoint
 
 from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
@@ -269,9 +269,10 @@ class DynamicLlamaModel(LlamaModel):
             key_keep = keep_override.to(key_keep.dtype)
         allowed = allowed_keys(attention_mask, batch, seq, hidden.device)
         for layer in self.layers[k_layer:]:
-            if layer.gradient_checkpointing and self.training:
-                hidden = checkpoint(masked_layer_forward, layer, hidden, position_embeddings, allowed, key_keep,
-                                    use_reentrant=False)
+            if layer.gradient_checkpointing and self.training:  # recompute as the model was configured to
+                hidden = layer._gradient_checkpointing_func(
+                    partial(masked_layer_forward, layer), hidden, position_embeddings, allowed, key_keep
+                )
             else:
                 hidden = masked_layer_forward(layer, hidden, position_embeddings, allowed, key_keep)
         return self.norm(hidden)

@@ -115,7 +115,7 @@ def load_model(recipe: TrainingRecipe) -> DynamicLlavaForConditionalGeneration:
         )
         model = get_peft_model(model, config)
     if recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
