@@ -97,13 +97,13 @@ class DynamicLlavaTrainer(Trainer):
         from ..modeling import DynamicLlavaForConditionalGeneration
 
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if not isinstance(target, DynamicLlavaForConditionalGeneration) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if not isinstance(target, DynamicLlavaForConditionalGeneration) or sharded:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = DynamicLlavaForConditionalGeneration.from_pretrained(
             resume_from_checkpoint, config=target.config, dtype=target.dtype
         )
         target.load_state_dict(saved.state_dict())
-
 
     def _get_output_dir(self, trial):
         run_dir = super()._get_output_dir(trial)
