@@ -1,7 +1,7 @@
 """Masked-softmax attention for training layers >= K, where gradients must reach the keep mask.
 
 SDPA cannot take a differentiable multiplicative key mask, so layers >= K compute attention here
-(SPEC section 3): scores with the causal and padding bias, minus the row max, exponentiated in
+(Dynamic-LLaVA, section 3): scores with the causal and padding bias, minus the row max, exponentiated in
 fp32, multiplied by the key mask G (G[i, j] = keep[j] for j != i, G[i, i] = 1: a token always sees
 itself), renormalised. With a hard 0/1 mask this equals removing the dropped keys, which is what
 inference does; dropped tokens are still computed as queries.

@@ -1,6 +1,6 @@
 """Compute and memory costs of (Dynamic-)LLaVA, in the paper's convention and exactly.
 
-Two ways of counting, reported side by side (SPEC section 5):
+Two ways of counting, reported side by side (the paper's convention and ours):
 
 * **Paper convention** (`paper_layer_flops`, `paper_prefill_flops`): one decoder layer over N tokens
   of width C costs ``32*N*C^2 + 4*N^2*C`` FLOPs (8NC^2 projections, 4N^2C attention, 24NC^2 for an

@@ -1,4 +1,4 @@
-"""The budget term of sparsification-aware training (SPEC section 3)."""
+"""The budget term of sparsification-aware training (Dynamic-LLaVA, ICLR 2025)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Labels cover the assistant turns only: their content and whatever the template r
 next turn (the end-of-turn token). They are found by rendering the prefix before each assistant turn (with the
 generation prompt) and the prefix including it: the characters in between are that turn, mapped to tokens with
 the fast tokenizer's offsets, shifted by the processor's image-placeholder expansion. ``answer_mask`` marks the
-tokens of the last assistant turn when it is long enough (the output-text tokens Dynamic-LLaVA may drop, SPEC §3).
+tokens of the last assistant turn when it is long enough (the output-text tokens Dynamic-LLaVA may drop).
 
 Records are validated when the dataset is built, so a malformed one is reported by id (skipped or refused)
 instead of failing later inside a batch.
@@ -57,7 +57,7 @@ class LlavaConversationDataset(Dataset):
         image_folder: the folder that record ``image`` paths are relative to.
         processor: the model's processor (a `LlavaProcessor` with a fast tokenizer).
         min_answer_tokens: the last assistant turn is marked in ``answer_mask`` only if it has at least this
-            many label tokens (content + end token); SPEC §3's LEN_OT, 50 for LLaVA data.
+            many label tokens (content + end token); the paper's LEN_OT, 50 for LLaVA data.
         on_error: ``"skip"`` leaves bad records out (listed in ``self.skipped`` and in one warning), ``"raise"``
             raises ValueError naming the first bad record's id.
         max_length: refuse (as a bad record) any sample longer than this many tokens: truncating would cut

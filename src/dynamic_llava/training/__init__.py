@@ -1,4 +1,4 @@
-"""Sparsification-aware fine-tuning of Dynamic-LLaVA (SPEC section 3)."""
+"""Sparsification-aware fine-tuning of Dynamic-LLaVA (Huang et al., ICLR 2025, section 3)."""
 
 from .recipe import TrainingRecipe, build_trainer, load_model, save_final, train
 from .trainer import DynamicLlavaTrainer, gumbel_temperature

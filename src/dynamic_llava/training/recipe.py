@@ -29,7 +29,7 @@ FINAL_DIR = "final"
 
 @dataclass
 class TrainingRecipe:
-    """Everything one fine-tuning run needs (defaults follow the paper's recipe, SPEC section 3).
+    """Everything one fine-tuning run needs (defaults follow the recipe of Huang et al., ICLR 2025).
 
     trainable: "predictors" (only the two predictors), "full" (predictors + language model, the
     authors' choice) or "lora" (predictors + LoRA adapters on the language model's linear layers).
