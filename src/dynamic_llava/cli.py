@@ -68,6 +68,7 @@ def train(
     batch_size: int = typer.Option(4, help="Samples per device per step."),
     gradient_accumulation_steps: int = typer.Option(1, help="Micro-batches per optimizer step."),
     save_steps: int = typer.Option(500, help="Checkpoint every N optimizer steps."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
     seed: int = typer.Option(42, help="Seed of data order, Gumbel noise and fresh predictors."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (non-reentrant)."),
     bf16: bool = typer.Option(False, help="Load and train in bfloat16."),
@@ -100,6 +101,7 @@ def train(
         freeze_projector=freeze_projector, image_only=image_only, learning_rate=learning_rate,
         predictor_learning_rate=predictor_learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps, seed=seed,
+        max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, on_bad_record=on_bad_record,
         chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity,
     )

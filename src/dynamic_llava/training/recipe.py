@@ -40,6 +40,8 @@ class TrainingRecipe:
     the original LLaVA-1.5 format with "</s>" after each answer (the template shipped with llava-hf
     checkpoints writes no end token, so a model trained with it does not learn to stop); None uses
     the processor's own. `deepspeed`: a DeepSpeed JSON config for multi-GPU runs (ZeRO-2/3).
+    `max_grad_norm` clips the whole gradient (0 turns clipping off); with budget_weight 100 the
+    budget term's gradients are large, so clipping also slows how fast the keep ratios move.
     """
 
     model: str
@@ -56,6 +58,7 @@ class TrainingRecipe:
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -139,6 +142,7 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
         weight_decay=0.0,
         lr_scheduler_type="cosine",
         warmup_steps=recipe.warmup_ratio,
+        max_grad_norm=recipe.max_grad_norm,
         num_train_epochs=recipe.epochs,
         max_steps=recipe.max_steps,
         logging_steps=recipe.logging_steps,

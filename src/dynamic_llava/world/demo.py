@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections import defaultdict
@@ -25,17 +26,18 @@ def checkpoints_present(folder: str | Path) -> bool:
 
 def load_pair(folder: str | Path):
     """(dense, dynamic, processor): the dense LLaVA runs through the engine with every keep rate at 1.0."""
-    from transformers import AutoProcessor, logging
+    from transformers import AutoProcessor
 
     folder = Path(folder)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the dense checkpoint has no predictors, and needs none at keep rate 1.0
+    quiet = logging.getLogger("dynamic_llava.modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the dense checkpoint has no predictors, and needs none at keep rate 1.0
     try:
         dense = DynamicLlavaForConditionalGeneration.from_pretrained(
             folder / DENSE_DIR, dtype=torch.float32, image_keep_rate=1.0, text_keep_rate=1.0
         ).eval()
     finally:
-        logging.set_verbosity(verbosity)
+        quiet.setLevel(level)
     dynamic = DynamicLlavaForConditionalGeneration.from_pretrained(folder / DYNAMIC_DIR, dtype=torch.float32).eval()
     return dense, dynamic, AutoProcessor.from_pretrained(folder / DYNAMIC_DIR)
 
