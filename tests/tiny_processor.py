@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 from tiny import IMAGE_TOKEN, PAD_TOKEN, VOCAB
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-from dynamic_llava.data import LLAVA_V1_CHAT_TEMPLATE
+from dynamic_llava.world.assets import llava_processor
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
 IMAGE_SIZE, PATCH = 32, 8
@@ -55,17 +55,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_processor() -> LlavaProcessor:
     """LLaVA-1.5 layout: CLIP drops its CLS token ("default" strategy), so an image is (32/8)^2 tokens."""
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tiny_tokenizer(),
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_V1_CHAT_TEMPLATE,
-    )
+    return llava_processor(tiny_tokenizer(), IMAGE_SIZE, PATCH)
 
 
 LONG_ANSWER = " ".join(["the red cat sits on the blue mat, and the dog runs in the park."] * 3)

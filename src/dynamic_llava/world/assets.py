@@ -31,14 +31,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(image_size: int = 96, patch_size: int = 8) -> LlavaProcessor:
-    """CLIP-style image processing at `image_size` px; one image = (image_size / patch_size)^2 tokens."""
+def llava_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcessor:
+    """A LLaVA-1.5-layout processor: CLIP-style images at `image_size` px, the CLS token dropped, so one image
+    becomes (image_size / patch_size)^2 tokens; answers end with the end token (LLaVA v1 chat template)."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -46,4 +47,9 @@ def build_processor(image_size: int = 96, patch_size: int = 8) -> LlavaProcessor
     )
 
 
-__all__ = ["build_processor", "build_tokenizer", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID"]
+def build_processor(image_size: int = 96, patch_size: int = 8) -> LlavaProcessor:
+    """The world's processor: its tokenizer, 96 px images, 144 image tokens."""
+    return llava_processor(build_tokenizer(), image_size, patch_size)
+
+
+__all__ = ["build_processor", "build_tokenizer", "llava_processor", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID"]
