@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench world
+.PHONY: install demo test bench bench-engine world
 
 install: $(STAMP)
 
@@ -25,7 +25,13 @@ test: install
 	@HF_HUB_OFFLINE=1 $(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# Methods side by side (speed, memory, accuracy vs budget): tables on screen, JSON and plots in results/.
 bench: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dynamic-llava bench --output results
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dynamic-llava bench-accuracy --output results
+
+# Dense vs Dynamic-LLaVA on one random-weight model, with a per-component breakdown of prefill.
+bench-engine: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/engine_benchmark.py
 
 

@@ -40,3 +40,33 @@ def test_default_predictor_widths_are_the_papers_at_7b():
     # paper: about 8.6M and 2.3M parameters
     assert round(sum(p.numel() for p in image.parameters()) / 1e6, 1) == 8.6
     assert round(sum(p.numel() for p in text.parameters()) / 1e6, 1) == 2.3
+
+
+def test_estimate_for_the_llava_15_7b_config_on_the_meta_device():
+    from dynamic_llava import DynamicLlavaForConditionalGeneration
+    from dynamic_llava.costs import estimate
+
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (feature layer -2) and a Vicuna-7B (Llama) decoder
+    config = DynamicLlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768),
+        text_config=dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32064),
+        image_token_index=32000, vision_feature_layer=-2, image_seq_length=576,
+    )
+    with torch.device("meta"):
+        model = DynamicLlavaForConditionalGeneration(config)  # the config builds a model: no weights needed
+    assert model.tokens_per_image() == 576
+    costs = estimate(model.config, text_tokens=40, new_tokens=64)
+    assert costs["image_tokens_kept"] == 115
+    assert round(costs["paper_prefill"]["dense"] / 1e12, 1) == 10.1
+    assert round(costs["paper_prefill"]["sparse"] / 1e12, 1) == 2.5
+    for part in ("prefill", "decode_with_cache", "decode_without_cache"):
+        assert 0 < costs[part]["sparse"] < costs[part]["dense"]
+    # exact prefill: language model over 616 tokens plus the vision tower (~0.35 TFLOPs at 336 px)
+    assert 8e12 < costs["prefill"]["dense"] < 9.5e12
+    # KV at the end, fp16: layers < K dense; layers >= K hold 40 text + 115 image + 50% of 63 generated tokens
+    per_layer = 2 * 4096 * 2
+    assert costs["kv_bytes_per_layer"]["dense"] == [(616 + 63) * per_layer] * 32
+    assert costs["kv_bytes_per_layer"]["sparse"] == [(616 + 63) * per_layer] * 2 + [(155 + 31) * per_layer] * 30

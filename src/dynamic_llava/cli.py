@@ -117,9 +117,12 @@ def world(
     output: str = typer.Option("checkpoints", help="Where the dense and Dynamic-LLaVA checkpoints are written."),
     work: str = typer.Option("runs/world", help="Data and intermediate runs."),
     seed: int = typer.Option(0, help="Seeds the world, the weights and the data order."),
-    describe_steps: int = typer.Option(600, help="Dense steps on descriptions only (stage 1)."),
-    dense_steps: int = typer.Option(1500, help="Dense steps on every question type (stage 2)."),
-    dynamic_steps: int = typer.Option(300, help="Dynamic-LLaVA fine-tuning steps."),
+    vision_steps: int = typer.Option(1500, help="Vision-tower pre-training steps on patch labels (stage 0)."),
+    describe_steps: int = typer.Option(400, help="Dense steps on descriptions only (stage 1)."),
+    dense_steps: int = typer.Option(1500, help="Dense steps on every question type, 30% descriptions (stage 2)."),
+    vision_tower: str = typer.Option(None, help="Reuse the vision tower an earlier build saved (WORK/vision_tower)."),
+    question_steps: int = typer.Option(1500, help="Dense steps on every question type, 10% descriptions (stage 3)."),
+    dynamic_steps: int = typer.Option(400, help="Dynamic-LLaVA fine-tuning steps."),
     eval_limit: int = typer.Option(600, help="Test samples evaluated per model."),
 ) -> None:
     """Build the synthetic world from nothing: data, a tiny dense LLaVA, its Dynamic-LLaVA, and their accuracy."""
@@ -128,10 +131,147 @@ def world(
     from .world.build import WorldRecipe, build_world
 
     report = build_world(WorldRecipe(
-        output=output, work=work, seed=seed, describe_steps=describe_steps, dense_steps=dense_steps,
+        output=output, work=work, seed=seed, vision_steps=vision_steps, describe_steps=describe_steps, dense_steps=dense_steps,
+        question_steps=question_steps, vision_tower=vision_tower,
         dynamic_steps=dynamic_steps, eval_limit=eval_limit,
     ))
     typer.echo(json.dumps(report, indent=2))
+
+
+def _split(value: str, kind, option: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        _fail(f"{option} takes a comma-separated list, got {value!r}.")
+
+
+@app.command()
+def bench(
+    models: str = typer.Option("tiny,wide", help="Comma-separated: tiny (the trained world model), wide (random "
+                               "weights, LLaVA-1.5-7B layer width, few layers)."),
+    batches: str = typer.Option("1,8", help="Comma-separated batch sizes."),
+    checkpoint: str = typer.Option("checkpoints/tiny-dynamic-llava", help="The trained world model (for tiny)."),
+    image_keep_rate: float = typer.Option(0.2, help="Image-token budget shared by every pruning method."),
+    text_keep_rate: float = typer.Option(0.5, help="Generated-token budget (Dynamic-LLaVA's target, random's rate)."),
+    tiny_decode_tokens: int = typer.Option(1024, help="Tokens generated with the cache on the tiny model."),
+    wide_decode_tokens: int = typer.Option(128, help="Tokens generated with the cache on the wide model."),
+    wide_layers: int = typer.Option(4, help="Decoder layers of the wide model (K = 2)."),
+    repeats: int = typer.Option(3, help="Timed prefill repeats per method (after one warm-up)."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    quick: bool = typer.Option(False, help="Smoke run: short generations, one repeat."),
+    output: str = typer.Option("results", help="Folder for speed.json and the plots."),
+) -> None:
+    """Dense, Dynamic-LLaVA, FastV and random side by side at equal budgets: prefill time vs the FLOPs ideal,
+    per-token decode time, time without a cache, KV bytes and process memory vs generated length."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from .benchmarking import SpeedSettings, run_speed, speed_table, write_report
+
+    model_names = _split(models, str, "--models")
+    batch_sizes = _split(batches, int, "--batches")
+    if not batch_sizes or min(batch_sizes) < 1:
+        _fail(f"--batches must be positive integers, got {batches!r}.")
+    for rate, option in ((image_keep_rate, "--image-keep-rate"), (text_keep_rate, "--text-keep-rate")):
+        if not 0.0 < rate <= 1.0:
+            _fail(f"{option} must be in (0, 1], got {rate}.")
+    if "tiny" in model_names and not (Path(checkpoint) / "config.json").is_file():
+        _fail(f"No trained world model at {checkpoint}: build it with `make world`, pass --checkpoint, or "
+              "benchmark the random-weight model only with --models wide.")
+    settings = SpeedSettings(
+        models=model_names, batches=batch_sizes, image_keep_rate=image_keep_rate, text_keep_rate=text_keep_rate,
+        checkpoint=checkpoint, tiny_decode_tokens=tiny_decode_tokens, wide_decode_tokens=wide_decode_tokens,
+        wide_layers=wide_layers, repeats=repeats, threads=threads or None, quick=quick,
+    )
+    try:
+        report = run_speed(settings)
+    except ValueError as err:
+        _fail(str(err))
+    Console(width=200).print(speed_table(report))
+    path = write_report(report, Path(output) / "speed.json")
+    from .benchmarking.plots import kv_vs_length, latency_vs_context
+
+    plots = [kv_vs_length(report, Path(output) / "kv_vs_length.png"),
+             latency_vs_context(report, Path(output) / "latency_vs_context.png")]
+    typer.echo(f"Results written to {path}; plots: {', '.join(str(p) for p in plots)}")
+
+
+@app.command("bench-accuracy")
+def bench_accuracy(
+    checkpoint: str = typer.Option("checkpoints/tiny-dynamic-llava", help="The trained world model."),
+    questions: int = typer.Option(400, help="Test records evaluated (short questions and descriptions)."),
+    output: str = typer.Option("results", help="Folder for accuracy.json and the plots."),
+) -> None:
+    """Accuracy vs budget on the trained world model: every policy at image keep 0.1 / 0.2 / 0.5 and text keep
+    0.2 / 0.5 / 0.8 (exact match, description perplexity), with a kept-token overlay."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from .benchmarking import AccuracySettings, run_accuracy, write_report
+    from .benchmarking.report import accuracy_tables, kept_overlay_figure
+
+    if not (Path(checkpoint) / "config.json").is_file():
+        _fail(f"No trained world model at {checkpoint}: build it with `make world` or pass --checkpoint.")
+    if questions < 10:
+        _fail(f"--questions must be at least 10, got {questions}.")
+    console = Console(width=160)
+    report = run_accuracy(AccuracySettings(checkpoint=checkpoint, questions=questions), log=console.log)
+    for table in accuracy_tables(report):
+        console.print(table)
+    path = write_report(report, Path(output) / "accuracy.json")
+    from .benchmarking.plots import accuracy_vs_flops
+
+    plots = [accuracy_vs_flops(report, Path(output) / "accuracy_vs_flops.png"),
+             kept_overlay_figure(checkpoint, Path(output) / "kept_tokens.png")]
+    typer.echo(f"Results written to {path}; plots: {', '.join(str(p) for p in plots)}")
+
+
+@app.command("costs")
+def costs_command(
+    model: str = typer.Argument(..., help="A llava-hf or Dynamic-LLaVA checkpoint folder (only config.json is read)."),
+    text_tokens: int = typer.Option(40, help="Text tokens in the prompt besides the image tokens."),
+    new_tokens: int = typer.Option(256, help="Tokens generated."),
+    image_keep_rate: float = typer.Option(None, help="Share of image tokens kept (default: the config's, 0.2)."),
+    text_keep_rate: float = typer.Option(None, help="Share of generated tokens kept (default: the config's, 0.5)."),
+    dtype_bytes: int = typer.Option(2, help="Bytes per KV element (2: fp16/bf16)."),
+) -> None:
+    """FLOPs (paper convention and exact) and KV bytes of one sample, dense vs Dynamic-LLaVA, from a config alone."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import DynamicLlavaConfig
+    from .costs import estimate
+
+    if not (Path(model) / "config.json").is_file():
+        _fail(f"No config.json in {model}: pass a llava-hf or Dynamic-LLaVA checkpoint folder.")
+    for rate, option in ((image_keep_rate, "--image-keep-rate"), (text_keep_rate, "--text-keep-rate")):
+        if rate is not None and not 0.0 < rate <= 1.0:
+            _fail(f"{option} must be in (0, 1], got {rate}.")
+    if text_tokens < 0 or new_tokens < 0:
+        _fail("--text-tokens and --new-tokens must be >= 0.")
+    try:
+        config = DynamicLlavaConfig.from_pretrained(model)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    c = estimate(config, text_tokens, new_tokens, image_keep_rate, text_keep_rate, dtype_bytes=dtype_bytes)
+    table = Table(title=f"{model}: {c['prompt_tokens']} prompt tokens ({c['image_tokens_kept']}/{c['image_tokens']} "
+                        f"image tokens kept), {new_tokens} generated", title_justify="left")
+    for column in ("cost", "dense", "Dynamic-LLaVA", "ratio"):
+        table.add_column(column, justify="left" if column == "cost" else "right")
+    rows = [("prefill TFLOPs, paper convention", "paper_prefill", 1e12), ("prefill TFLOPs, exact", "prefill", 1e12),
+            ("decoding TFLOPs with KV cache", "decode_with_cache", 1e12),
+            ("decoding TFLOPs without cache", "decode_without_cache", 1e12)]
+    for label, key, scale in rows:
+        dense, sparse = c[key]["dense"], c[key]["sparse"]
+        table.add_row(label, f"{dense / scale:.2f}", f"{sparse / scale:.2f}", f"{dense / sparse:.2f}x" if sparse else "-")
+    dense_kv, sparse_kv = sum(c["kv_bytes_per_layer"]["dense"]), sum(c["kv_bytes_per_layer"]["sparse"])
+    table.add_row("KV cache at the end (MiB)", f"{dense_kv / 2**20:.1f}", f"{sparse_kv / 2**20:.1f}",
+                  f"{dense_kv / sparse_kv:.2f}x")
+    Console().print(table)
 
 
 @app.command()

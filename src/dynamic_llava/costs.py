@@ -174,7 +174,71 @@ def kv_bytes_per_token(config_text, dtype_bytes: int = 2) -> int:
     return 2 * h_kv * head_dim(config_text) * dtype_bytes
 
 
+# ----------------------------------------------------------------------------- one call for a config
+
+
+def estimate(config, text_tokens: int = 40, new_tokens: int = 0, image_keep_rate: float | None = None,
+             text_keep_rate: float | None = None, images: int = 1, dtype_bytes: int = 2) -> dict:
+    """Costs of one sample (prompt: `images` images plus `text_tokens` text tokens; then `new_tokens` generated)
+    for a (Dynamic-)LLaVA config, dense next to sparse at the given keep rates (None: the config's).
+
+    Returns FLOPs (paper convention and exact) for prefill, for decoding with a KV cache (all steps) and
+    without one (every step recomputes the sequence: layers < K over everything, layers >= K over the
+    kept tokens), and KV-cache bytes per layer at the end. Generated tokens are assumed kept at
+    `text_keep_rate` (the training target; the trained predictor decides at run time).
+    """
+    text = config.text_config
+    k = getattr(config, "sparse_layer", 2)
+    image_keep_rate = getattr(config, "image_keep_rate", 1.0) if image_keep_rate is None else image_keep_rate
+    text_keep_rate = getattr(config, "text_keep_rate", 1.0) if text_keep_rate is None else text_keep_rate
+    v = config.vision_config
+    per_image = getattr(config, "image_seq_length", None) or (v.image_size // v.patch_size) ** 2
+    image_tokens = images * per_image
+    kept_image = images * int(image_keep_rate * per_image)
+    prompt = text_tokens + image_tokens
+    kept_prompt = text_tokens + kept_image
+    layers = text.num_hidden_layers
+    vision = vision_flops(config, images)
+    predictor = image_predictor_flops(config, per_image, images) if image_keep_rate < 1.0 else 0
+    sparse_text = text_keep_rate < 1.0
+
+    def decoding(kept_prompt_tokens: int, share: float, cache: bool, extra: int) -> int:
+        """All steps after the first new token (which prefill's logits give); `extra`: per-step vision +
+        image-predictor FLOPs without a cache (images are re-encoded every step)."""
+        judge = share < 1.0
+        total = 0
+        for step in range(1, new_tokens):
+            held = int(share * (step - 1)) + 1  # earlier generated tokens kept, plus the newest
+            if cache:
+                total += decode_step_flops(text, prompt + step, k, kept_prompt_tokens + held)
+                total += text_predictor_flops(config) if judge else 0
+            else:
+                total += prefill_flops(text, prompt + step, k, kept_prompt_tokens + held) + extra
+                total += text_predictor_flops(config, step) if judge else 0
+        return total
+
+    share = text_keep_rate if sparse_text else 1.0
+    per_token_layer = kv_bytes_per_token(text, dtype_bytes)
+    generated_in_cache = max(new_tokens - 1, 0)
+    dense_len = prompt + generated_in_cache
+    sparse_len = kept_prompt + int(share * generated_in_cache)
+    return {
+        "image_tokens": image_tokens, "image_tokens_kept": kept_image, "prompt_tokens": prompt,
+        "paper_prefill": {"dense": paper_prefill_flops(layers, text.hidden_size, k, image_tokens, image_tokens),
+                          "sparse": paper_prefill_flops(layers, text.hidden_size, k, image_tokens, kept_image)},
+        "prefill": {"dense": prefill_flops(text, prompt, k) + vision,
+                    "sparse": prefill_flops(text, prompt, k, kept_prompt) + vision + predictor},
+        "decode_with_cache": {"dense": decoding(prompt, 1.0, True, 0),
+                              "sparse": decoding(kept_prompt, share, True, 0)},
+        "decode_without_cache": {"dense": decoding(prompt, 1.0, False, vision),
+                                 "sparse": decoding(kept_prompt, share, False, vision + predictor)},
+        "kv_bytes_per_layer": {"dense": [dense_len * per_token_layer] * layers,
+                               "sparse": [dense_len * per_token_layer] * k + [sparse_len * per_token_layer] * (layers - k)},
+    }
+
+
 __all__ = [
+    "estimate",
     "paper_layer_flops",
     "paper_prefill_flops",
     "head_dim",

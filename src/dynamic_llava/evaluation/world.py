@@ -21,20 +21,26 @@ def first_turns(records: list[dict]) -> list[dict]:
     """One evaluation item per record: its first question (with the image) and the reference answer."""
     items = []
     for record in records:
-        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        value = record["conversations"][0]["value"]
+        question = value.replace("<image>\n", "").replace("\n<image>", "").strip()
         items.append({
             "id": record["id"], "image": record["image"], "question": question,
+            "image_first": value.startswith("<image>"),
             "answer": record["conversations"][1]["value"], "type": question_type(question),
         })
     return items
 
 
-def _prompt(question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def world_prompt(question: str, image_first: bool = False) -> list[dict]:
+    """Chat messages asking `question` about one image (after the question, as the world's data has it)."""
+    content = [{"type": "text", "text": question}, {"type": "image"}]
+    return [{"role": "user", "content": content[::-1] if image_first else content}]
 
 
-def _batch_inputs(processor, items, image_root: Path, blank: bool):
-    texts = [processor.apply_chat_template(_prompt(item["question"]), add_generation_prompt=True) for item in items]
+def batch_inputs(processor, items, image_root: Path, blank: bool = False):
+    """Left-padded model inputs for items (question + image file); `blank` swaps each image for plain grey."""
+    texts = [processor.apply_chat_template(world_prompt(item["question"], item.get("image_first", False)),
+                                           add_generation_prompt=True) for item in items]
     images = [Image.open(image_root / item["image"]).convert("RGB") for item in items]
     if blank:
         images = [Image.new("RGB", img.size, (115, 115, 115)) for img in images]
@@ -49,7 +55,7 @@ def answer_questions(model, processor, items, image_root, batch_size=32, max_new
     results = []
     for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="answering"):
         chunk = items[start : start + batch_size]
-        inputs = _batch_inputs(processor, chunk, Path(image_root), blank)
+        inputs = batch_inputs(processor, chunk, Path(image_root), blank)
         stats = SparsityStats()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, sparsity_stats=stats,
                              sparsity_policy=policy, pad_token_id=processor.tokenizer.pad_token_id)
@@ -67,14 +73,16 @@ def answer_questions(model, processor, items, image_root, batch_size=32, max_new
 
 
 @torch.no_grad()
-def answer_perplexity(model, processor, items, image_root, batch_size=16, policy=None, progress=True) -> float:
+def answer_perplexity(model, processor, items, image_root, batch_size=16, policy=None, progress=True,
+                      stats: list | None = None) -> float:
     """Perplexity of the reference answers under teacher forcing, decoding with the KV cache (the
-    output-text predictor decides, token by token, which answer tokens stay in layers >= K)."""
+    output-text predictor decides, token by token, which answer tokens stay in layers >= K).
+    Pass a list as `stats` to receive one `SparsityStats` per batch (tokens kept, evicted, KV held)."""
     total_nll, total_tokens = 0.0, 0
     tokenizer = processor.tokenizer
     for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="perplexity"):
         chunk = items[start : start + batch_size]
-        inputs = _batch_inputs(processor, chunk, Path(image_root), blank=False)
+        inputs = batch_inputs(processor, chunk, Path(image_root), blank=False)
         answers = [tokenizer(item["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                    for item in chunk]
         length = max(len(a) for a in answers)
@@ -86,8 +94,11 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
         mask = inputs["attention_mask"]
         prompt_length = mask.shape[1]
         cache = DynamicLlavaCache.from_config(model.config)
+        batch_stats = SparsityStats()
+        if stats is not None:
+            stats.append(batch_stats)
         out = model(**inputs, past_key_values=cache, use_cache=True, output_text_start=prompt_length,
-                    sparsity_policy=policy, logits_to_keep=1)
+                    sparsity_policy=policy, logits_to_keep=1, sparsity_stats=batch_stats)
         for step in range(length):
             logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             nll = -logp.gather(1, targets[:, step : step + 1]).squeeze(1)
@@ -99,7 +110,7 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
             position = (mask.sum(dim=1, keepdim=True) - 1)
             out = model(input_ids=targets[:, step : step + 1], attention_mask=mask, position_ids=position,
                         past_key_values=cache, use_cache=True, output_text_start=prompt_length,
-                        sparsity_policy=policy)
+                        sparsity_policy=policy, sparsity_stats=batch_stats)
     return perplexity(total_nll, total_tokens)
 
 
@@ -139,4 +150,4 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
     return report
 
 
-__all__ = ["answer_perplexity", "answer_questions", "evaluate_world", "first_turns"]
+__all__ = ["answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns", "world_prompt"]

@@ -61,7 +61,7 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
             runs[name] = answer_questions(model, processor, items, Path(tmp) / "images", batch_size=32,
                                           max_new_tokens=72, progress=show)
             runs[name + " seconds"] = time.time() - started
-    result = {"samples": samples, "accuracy": {}, "image_tokens_kept": {}, "kv_bytes": {}}
+    result = {"samples": samples, "accuracy": {}, "image_tokens_kept": {}, "generated_kept_share": {}, "kv_bytes": {}}
     for name in ("dense", "Dynamic-LLaVA"):
         answers = runs[name]
         by_type = defaultdict(list)
@@ -70,6 +70,9 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
         result["accuracy"][name] = {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
         result["image_tokens_kept"][name] = sum(a["image_tokens_kept"] for a in answers) / len(answers)
         result["kv_bytes"][name] = sum(a["kv_tokens"] for a in answers) * bytes_per_token / len(answers)
+        judged = sum(a["generated"] or 0 for a in answers)
+        kept = sum(a["generated_kept"] or 0 for a in answers)
+        result["generated_kept_share"][name] = kept / judged if judged else 1.0
         result[name + " seconds"] = runs[name + " seconds"]
     if show:
         _print(console, items, runs, result)
@@ -103,6 +106,8 @@ def _print(console: Console, items, runs, result) -> None:
     console.print(
         f"Image tokens reaching layers >= K: {result['image_tokens_kept']['dense']:.0f} dense, "
         f"{result['image_tokens_kept']['Dynamic-LLaVA']:.0f} Dynamic-LLaVA per image.\n"
+        f"Generated tokens whose K/V layers >= K keep: {result['generated_kept_share']['dense']:.0%} dense, "
+        f"{result['generated_kept_share']['Dynamic-LLaVA']:.0%} Dynamic-LLaVA.\n"
         f"KV cache per sample at the end of generation: {dense_kv / 1024:.1f} KiB dense, {dyn_kv / 1024:.1f} KiB "
         f"Dynamic-LLaVA ([green]{1 - dyn_kv / dense_kv:.0%} less[/]).\n"
         f"Wall time: {result['dense seconds']:.1f} s dense, {result['Dynamic-LLaVA seconds']:.1f} s Dynamic-LLaVA."

@@ -18,7 +18,7 @@ def tiny_llava_config(vocab_size: int, image_size: int = 96, patch_size: int = 8
         text_config=dict(
             model_type="llama", hidden_size=width, intermediate_size=int(2.75 * width) // 16 * 16,
             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size,
-            max_position_embeddings=512, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+            max_position_embeddings=2048, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
             tie_word_embeddings=False,
         ),
         image_token_index=IMAGE_ID,

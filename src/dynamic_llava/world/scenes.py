@@ -134,7 +134,9 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str] | 
 
 
 def conversation(scene: Scene, rng: np.random.Generator, describe_share: float, max_turns: int = 3) -> list[dict]:
-    """LLaVA turns: a description, or 1-`max_turns` short questions; the image comes with the first question."""
+    """LLaVA turns: a description, or 1-`max_turns` short questions. The image comes with the first question,
+    after it ("question\n<image>"): with causal attention the image tokens can then read the question, so each
+    can tell whether it is what is asked about (LLaVA's data has the image on either side of the text)."""
     if rng.random() < describe_share:
         turns = [("describe the image .", describe(scene))]
     else:
@@ -144,7 +146,7 @@ def conversation(scene: Scene, rng: np.random.Generator, describe_share: float, 
             turns.append(qa if qa is not None else ask(scene, "count", rng))
     messages = []
     for i, (question, answer) in enumerate(turns):
-        messages.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        messages.append({"from": "human", "value": question + ("\n<image>" if i == 0 else "")})
         messages.append({"from": "gpt", "value": answer})
     return messages
 

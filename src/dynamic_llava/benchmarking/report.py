@@ -1,0 +1,58 @@
+"""Tables and figures of the accuracy benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from ..policies import FastVPolicy, LearnedPolicy, RandomPolicy
+
+
+def accuracy_tables(report: dict) -> list[Table]:
+    """Image-budget table (accuracy per type, perplexity, FLOPs) and text-budget table (perplexity, share held)."""
+    types = sorted({t for p in report["image_sweep"] for t in p["accuracy"]})
+    image = Table(title=f"Accuracy vs image-token budget ({report['short_questions']} questions, "
+                        f"{report['descriptions']} descriptions; generated tokens all kept)", title_justify="left")
+    for column in ("keep", "method", "tokens", *types, "all", "descr. PPL", "prefill GFLOPs"):
+        image.add_column(column, justify="left" if column == "method" else "right")
+    last = None
+    for p in report["image_sweep"]:
+        if p["image_keep_rate"] != last:
+            image.add_section()
+            last = p["image_keep_rate"]
+        image.add_row(f"{p['image_keep_rate']:g}", p["method"], f"{p['image_tokens_kept']}/{report['image_tokens']}",
+                      *[f"{100 * p['accuracy'].get(t, float('nan')):.1f}" for t in types],
+                      f"{100 * p['accuracy_all']:.1f}", f"{p['describe_ppl']:.3f}", f"{p['prefill_flops'] / 1e9:.3f}")
+    text = Table(title="Description perplexity vs generated-token budget (teacher forced, KV cache; image tokens "
+                       "all kept)", title_justify="left")
+    for column in ("keep", "method", "held at end", "descr. PPL", "window"):
+        text.add_column(column, justify="left" if column == "method" else "right")
+    last = None
+    for p in report["text_sweep"]:
+        if p["text_keep_rate"] != last:
+            text.add_section()
+            last = p["text_keep_rate"]
+        text.add_row(f"{p['text_keep_rate']:g}", p["method"], f"{p['held_share_at_end']:.0%}",
+                     f"{p['describe_ppl']:.3f}", "-" if p["window"] is None else str(p["window"]))
+    return [image, text]
+
+
+def kept_overlay_figure(checkpoint: str | Path, path: str | Path, rate: float = 0.2, seed: int = 5) -> Path:
+    """Which image tokens Dynamic-LLaVA, FastV and random keep on one fresh world scene, as a PNG."""
+    from ..world.scenes import render, sample_scene
+    from .plots import kept_overlay
+    from .accuracy import kept_image_tokens
+    from .workloads import load_world_model
+
+    model, processor = load_world_model(checkpoint)
+    image = render(sample_scene(np.random.default_rng(seed)), model.config.vision_config.image_size)
+    policies = {"dynamic-llava": LearnedPolicy(image_keep_rate=rate), "fastv": FastVPolicy(image_keep_rate=rate),
+                "random": RandomPolicy(image_keep_rate=rate)}
+    masks = kept_image_tokens(model, processor, image, "describe the image .", policies)
+    grid = int(round(model.tokens_per_image() ** 0.5))
+    return kept_overlay(image, masks, grid, path)
+
+
+__all__ = ["accuracy_tables", "kept_overlay_figure"]

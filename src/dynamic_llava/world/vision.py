@@ -1,0 +1,89 @@
+"""Pre-training of the world's vision tower, the role CLIP plays for LLaVA-1.5.
+
+LLaVA starts from a vision encoder trained elsewhere and keeps it frozen. The world has no CLIP, so its
+tower learns first, on its own, to say what each image patch belongs to: every patch is labelled with
+the shape, colour and size of the object in its grid cell (or "none"), and three linear heads read the
+features LLaVA takes (the last layer's hidden states, CLS dropped). Scenes are drawn fresh for every
+batch, so the tower never sees the same picture twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .scenes import COLORS, GRID, SHAPES, SIZES, render, sample_scene
+
+HEADS = {"shape": ("none", *SHAPES), "color": ("none", *COLORS), "size": ("none", *SIZES)}
+
+
+def patch_labels(scene, patches_per_side: int) -> dict[str, torch.Tensor]:
+    """attribute -> long [patches]: the attribute of the object in each patch's cell (0: no object)."""
+    labels = {name: torch.zeros(patches_per_side**2, dtype=torch.long) for name in HEADS}
+    per_cell = patches_per_side / GRID
+    for index in range(patches_per_side**2):
+        row, col = divmod(index, patches_per_side)
+        obj = scene.at(int(row // per_cell) * GRID + int(col // per_cell))
+        if obj is not None:
+            for name, value in (("shape", obj.shape), ("color", obj.color), ("size", obj.size)):
+                labels[name][index] = HEADS[name].index(value)
+    return labels
+
+
+def scene_batch(rng: np.random.Generator, image_processor, size: int, image_size: int, patches_per_side: int):
+    """Fresh scenes: pixel_values [size, 3, H, W] and attribute -> labels [size, patches]."""
+    scenes = [sample_scene(rng) for _ in range(size)]
+    pixels = image_processor([render(s, image_size) for s in scenes], return_tensors="pt")["pixel_values"]
+    labels = [patch_labels(s, patches_per_side) for s in scenes]
+    return pixels, {name: torch.stack([lab[name] for lab in labels]) for name in HEADS}
+
+
+def pretrain_vision_tower(vision_tower, image_processor, steps: int = 1500, batch_size: int = 64, lr: float = 1e-3,
+                          seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Train `vision_tower` (a CLIPVisionModel) in place on patch labels; returns held-out patch accuracy per
+    attribute (on object patches; 'empty' for the patches of empty cells)."""
+    config = vision_tower.config
+    side = config.image_size // config.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    heads = nn.ModuleDict({name: nn.Linear(config.hidden_size, len(values)) for name, values in HEADS.items()})
+    for head in heads.values():
+        nn.init.normal_(head.weight, std=0.02, generator=generator)
+        nn.init.zeros_(head.bias)
+    params = [*vision_tower.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 30)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = np.random.default_rng([seed, 17])
+    vision_tower.train()
+
+    def features(pixels):
+        hidden = vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+        return hidden[:, 1:]
+
+    bar = tqdm(range(steps), desc="vision tower", disable=not progress)
+    for _ in bar:
+        pixels, labels = scene_batch(rng, image_processor, batch_size, config.image_size, side)
+        hidden = features(pixels)
+        loss = sum(nn.functional.cross_entropy(heads[n](hidden).flatten(0, 1), labels[n].flatten()) for n in HEADS)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    vision_tower.eval()
+    with torch.no_grad():
+        pixels, labels = scene_batch(np.random.default_rng([seed, 18]), image_processor, 256, config.image_size, side)
+        hidden = features(pixels)
+        occupied = labels["shape"] > 0
+        report = {n: float((heads[n](hidden).argmax(-1) == labels[n])[occupied].float().mean()) for n in HEADS}
+        report["empty"] = float((heads["shape"](hidden).argmax(-1) == 0)[~occupied].float().mean())
+    return report
+
+
+__all__ = ["HEADS", "patch_labels", "pretrain_vision_tower", "scene_batch"]
