@@ -119,9 +119,9 @@ def world(
     seed: int = typer.Option(0, help="Seeds the world, the weights and the data order."),
     vision_steps: int = typer.Option(1500, help="Vision-tower pre-training steps on patch labels (stage 0)."),
     describe_steps: int = typer.Option(400, help="Dense steps on descriptions only (stage 1)."),
-    dense_steps: int = typer.Option(1500, help="Dense steps on every question type, 30% descriptions (stage 2)."),
+    dense_steps: int = typer.Option(1200, help="Dense steps on every question type, 30% descriptions (stage 2)."),
     vision_tower: str = typer.Option(None, help="Reuse the vision tower an earlier build saved (WORK/vision_tower)."),
-    question_steps: int = typer.Option(1500, help="Dense steps on every question type, 10% descriptions (stage 3)."),
+    question_steps: int = typer.Option(1200, help="Dense steps on every question type, 10% descriptions (stage 3)."),
     dynamic_steps: int = typer.Option(400, help="Dynamic-LLaVA fine-tuning steps."),
     eval_limit: int = typer.Option(600, help="Test samples evaluated per model."),
 ) -> None:

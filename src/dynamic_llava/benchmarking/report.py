@@ -24,7 +24,7 @@ def accuracy_tables(report: dict) -> list[Table]:
             last = p["image_keep_rate"]
         image.add_row(f"{p['image_keep_rate']:g}", p["method"], f"{p['image_tokens_kept']}/{report['image_tokens']}",
                       *[f"{100 * p['accuracy'].get(t, float('nan')):.1f}" for t in types],
-                      f"{100 * p['accuracy_all']:.1f}", f"{p['describe_ppl']:.3f}", f"{p['prefill_flops'] / 1e9:.3f}")
+                      f"{100 * p['accuracy_all']:.1f}", f"{p['describe_ppl']:.4f}", f"{p['prefill_flops'] / 1e9:.3f}")
     text = Table(title="Description perplexity vs generated-token budget (teacher forced, KV cache; image tokens "
                        "all kept)", title_justify="left")
     for column in ("keep", "method", "held at end", "descr. PPL", "window"):
@@ -35,7 +35,7 @@ def accuracy_tables(report: dict) -> list[Table]:
             text.add_section()
             last = p["text_keep_rate"]
         text.add_row(f"{p['text_keep_rate']:g}", p["method"], f"{p['held_share_at_end']:.0%}",
-                     f"{p['describe_ppl']:.3f}", "-" if p["window"] is None else str(p["window"]))
+                     f"{p['describe_ppl']:.4f}", "-" if p["window"] is None else str(p["window"]))
     return [image, text]
 
 

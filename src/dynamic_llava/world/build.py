@@ -48,8 +48,8 @@ class WorldRecipe:
     vision_batch_size: int = 64
     vision_tower: str | None = None  # a tower saved by an earlier build (work/vision_tower): reused, stage 0 skipped
     describe_steps: int = 400
-    dense_steps: int = 1500
-    question_steps: int = 1500
+    dense_steps: int = 1200
+    question_steps: int = 1200
     dynamic_steps: int = 400
     batch_size: int = 32
     dense_learning_rate: float = 1e-3

@@ -1,0 +1,65 @@
+"""The world checkpoints shipped in checkpoints/: they load as llava-hf directories and still answer.
+
+The floors are far below the measured accuracy (see the README): they catch a broken checkpoint or a
+regression in the engine, they do not re-measure the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from dynamic_llava import DynamicLlavaForConditionalGeneration
+from dynamic_llava.evaluation import answer_questions, exact_match, first_turns
+from dynamic_llava.world.build import DENSE_DIR, DYNAMIC_DIR
+from dynamic_llava.world.demo import load_pair
+from dynamic_llava.world.scenes import write_split
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def test_checkpoints_are_llava_hf_directories():
+    for name in (DENSE_DIR, DYNAMIC_DIR):
+        folder = CHECKPOINTS / name
+        assert (folder / "model.safetensors").stat().st_size < 12 * 2**20
+        processor = AutoProcessor.from_pretrained(folder)
+        assert processor.tokenizer.eos_token == "</s>"
+        # the stock class loads both (the Dynamic-LLaVA one with its predictors left aside)
+        stock = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+        assert stock.config.text_config.num_hidden_layers == 4
+    dynamic = DynamicLlavaForConditionalGeneration.from_pretrained(CHECKPOINTS / DYNAMIC_DIR)
+    assert dynamic.config.image_keep_rate == 0.2 and dynamic.config.text_keep_rate == 0.5
+    assert dynamic.model.language_model.image_predictor is not None
+    assert dynamic.model.language_model.text_predictor is not None
+
+
+@pytest.fixture(scope="module")
+def slice_accuracy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slice")
+    items = first_turns(json.loads(write_split(root, "test", 120, describe_share=0.0, seed=11).read_text()))
+    dense, dynamic, processor = load_pair(CHECKPOINTS)
+    accuracy = {}
+    for name, model in (("dense", dense), ("dynamic", dynamic)):
+        answers = answer_questions(model, processor, items, root / "images", max_new_tokens=6, progress=False)
+        by_type = defaultdict(list)
+        for a in answers:
+            by_type[a["type"]].append(exact_match(a["prediction"], a["answer"]))
+            if name == "dynamic":
+                assert a["image_tokens_kept"] == int(0.2 * 144)
+        accuracy[name] = {t: sum(v) / len(v) for t, v in by_type.items()}
+        accuracy[name]["all"] = sum(sum(v) for v in by_type.values()) / len(answers)
+    return accuracy
+
+
+def test_shipped_models_answer_above_a_floor(slice_accuracy):
+    # measured on the test split: 75.6% dense, 73.6% Dynamic-LLaVA; count ~99%, colour ~95%
+    assert slice_accuracy["dense"]["all"] >= 0.6, slice_accuracy
+    assert slice_accuracy["dynamic"]["all"] >= 0.55, slice_accuracy
+    for name in ("dense", "dynamic"):
+        assert slice_accuracy[name]["count"] >= 0.8, slice_accuracy
+        assert slice_accuracy[name]["color"] >= 0.7, slice_accuracy
