@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_dynamic
 from typer.testing import CliRunner
 
 from dynamic_llava import DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, costs
@@ -21,8 +22,6 @@ from dynamic_llava.benchmarking.plots import accuracy_vs_flops, kept_overlay, kv
 from dynamic_llava.cli import app
 from dynamic_llava.world.assets import build_processor
 from dynamic_llava.world.models import tiny_llava_config
-
-from tiny import tiny_dynamic
 
 
 @pytest.fixture(scope="module")

@@ -42,8 +42,8 @@ def accuracy_tables(report: dict) -> list[Table]:
 def kept_overlay_figure(checkpoint: str | Path, path: str | Path, rate: float = 0.2, seed: int = 5) -> Path:
     """Which image tokens Dynamic-LLaVA, FastV and random keep on one fresh world scene, as a PNG."""
     from ..world.scenes import render, sample_scene
-    from .plots import kept_overlay
     from .accuracy import kept_image_tokens
+    from .plots import kept_overlay
     from .workloads import load_world_model
 
     model, processor = load_world_model(checkpoint)
