@@ -41,7 +41,6 @@ from transformers.utils import logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-
 from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
 from .checkpoints import checkpoint_tensor_shapes, predictor_mismatches, stored_predictor_shapes

@@ -24,9 +24,9 @@ import torch
 
 from .. import costs
 from ..evaluation import answer_perplexity, answer_questions, exact_match, first_turns
-from ..evaluation.world import batch_inputs, world_prompt
+from ..evaluation.world import batch_inputs, prompt_inputs
 from ..policies import FastVPolicy, H2OPolicy, LearnedPolicy, RandomPolicy, StreamingLLMPolicy
-from ..predictors import KEEP
+from ..predictors import keep_log_prob
 from ..world.scenes import write_split
 
 
@@ -49,7 +49,7 @@ class _KeepProbabilities(LearnedPolicy):
         self.seen: list[torch.Tensor] = []
 
     def text_keep(self, model, hidden, positions):
-        self.seen.append(model.text_predictor(hidden).float().softmax(-1)[..., KEEP].flatten())
+        self.seen.append(keep_log_prob(model.text_predictor(hidden)).exp().flatten())
         return torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
 
 
@@ -145,7 +145,7 @@ class _ThresholdPolicy(LearnedPolicy):
         self.threshold = threshold
 
     def text_keep(self, model, hidden, positions):
-        return model.text_predictor(hidden).float().softmax(-1)[..., KEEP] > self.threshold
+        return keep_log_prob(model.text_predictor(hidden)).exp() > self.threshold
 
 
 def _full_image(policy):
@@ -156,7 +156,7 @@ def _full_image(policy):
 @torch.no_grad()
 def kept_image_tokens(model, processor, image, question: str, policies: dict) -> dict[str, torch.Tensor]:
     """For one image and question: method -> bool [image tokens], the tokens each policy keeps after layer K."""
-    inputs = _batch_inputs_for(processor, image, question)
+    inputs = prompt_inputs(processor, [question], [image])
     image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
     masks = {}
     for name, policy in policies.items():
@@ -166,12 +166,6 @@ def kept_image_tokens(model, processor, image, question: str, policies: dict) ->
             kept = torch.isin(image_positions, out.kept_index[0][out.kept_valid[0]])
         masks[name] = kept
     return masks
-
-
-def _batch_inputs_for(processor, image, question: str):
-    text = processor.apply_chat_template(
-        world_prompt(question), add_generation_prompt=True)
-    return processor(text=[text], images=[image], return_tensors="pt")
 
 
 def held_share(stats: list) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..policies import FastVPolicy, LearnedPolicy, RandomPolicy, TokenPolicy
-from ..policies.random import _position_hash
 
 
 @dataclass
@@ -18,7 +17,7 @@ class ForcedTextPolicy(LearnedPolicy):
     seed: int = 0
 
     def text_keep(self, model, hidden, positions):
-        return _position_hash(positions, self.seed + 1) < self.text_keep_rate
+        return RandomPolicy(text_keep_rate=self.text_keep_rate, seed=self.seed).text_keep(model, hidden, positions)
 
 
 @dataclass(frozen=True)

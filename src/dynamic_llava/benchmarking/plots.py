@@ -52,25 +52,22 @@ def accuracy_vs_flops(report: dict, path: str | Path) -> Path:
 
 def kv_vs_length(report: dict, path: str | Path) -> Path:
     """KV-cache bytes (solid) and process RSS growth (dotted) against generated tokens, per model and batch."""
-    runs = report["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
-    for ax, run in zip(axes[0], runs):
+    fig, panels = _per_run(report)
+    for ax, run in panels:
         for method, r in run["methods"].items():
             color, marker = STYLE.get(method, ("tab:orange", "x"))
             lengths = sorted(int(n) for n in r["kv_bytes_by_length"])
             ax.plot(lengths, [r["kv_bytes_by_length"][_key(r["kv_bytes_by_length"], n)] / 2**20 for n in lengths],
                     marker=marker, color=color, label=method)
-        ax.set(xlabel="generated tokens", ylabel="KV cache (MiB)", title=f"{run['model']}, batch {run['batch']}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        ax.set(xlabel="generated tokens", ylabel="KV cache (MiB)")
+    panels[0][0].legend()
     return _save(fig, Path(path))
 
 
 def latency_vs_context(report: dict, path: str | Path) -> Path:
     """Per-token decode latency with the cache against the context length, per model and batch."""
-    runs = report["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
-    for ax, run in zip(axes[0], runs):
+    fig, panels = _per_run(report)
+    for ax, run in panels:
         for method, r in run["methods"].items():
             color, _ = STYLE.get(method, ("tab:orange", "x"))
             steps = np.asarray(r["decode_step_s"]) * 1e3
@@ -80,9 +77,8 @@ def latency_vs_context(report: dict, path: str | Path) -> Path:
             smooth = np.array([np.median(steps[max(0, i - window): i + 1]) for i in range(steps.size)])
             context = run["prompt_tokens"] + 1 + np.arange(steps.size)
             ax.plot(context, smooth, color=color, label=method)
-        ax.set(xlabel="context (tokens)", ylabel="ms per token", title=f"{run['model']}, batch {run['batch']}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        ax.set(xlabel="context (tokens)", ylabel="ms per token")
+    panels[0][0].legend()
     return _save(fig, Path(path))
 
 
@@ -106,6 +102,16 @@ def kept_overlay(image, kept: dict[str, torch.Tensor], grid: int, path: str | Pa
     for ax in axes:
         ax.axis("off")
     return _save(fig, Path(path))
+
+
+def _per_run(report: dict):
+    """A figure with one gridded, titled panel per (model, batch) run of a speed report; (fig, [(ax, run)])."""
+    runs = report["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        ax.set_title(f"{run['model']}, batch {run['batch']}")
+        ax.grid(alpha=0.3)
+    return fig, list(zip(axes[0], runs))
 
 
 def _key(mapping: dict, n: int):

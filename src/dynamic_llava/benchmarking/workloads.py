@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import DynamicLlavaConfig
-from ..evaluation.world import world_prompt
+from ..evaluation.world import prompt_inputs
 from ..modeling import DynamicLlavaForConditionalGeneration
 from .speed import Workload
 
@@ -64,10 +64,7 @@ def world_workload(model, processor, batch: int, question: str = "describe the i
 
     rng = np.random.default_rng([seed, 99])
     images = [render(sample_scene(rng), model.config.vision_config.image_size) for _ in range(batch)]
-    prompt = world_prompt(question)
-    text = processor.apply_chat_template(prompt, add_generation_prompt=True)
-    processor.tokenizer.padding_side = "left"
-    inputs = dict(processor(text=[text] * batch, images=images, padding=True, return_tensors="pt"))
+    inputs = dict(prompt_inputs(processor, [question] * batch, images))
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return Workload(inputs, inputs["input_ids"].shape[1], model.tokens_per_image(), batch,
                     processor.tokenizer.pad_token_id, [model.config.image_token_id])

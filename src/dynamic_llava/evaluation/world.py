@@ -37,15 +37,22 @@ def world_prompt(question: str, image_first: bool = False) -> list[dict]:
     return [{"role": "user", "content": content[::-1] if image_first else content}]
 
 
+def prompt_inputs(processor, questions: list[str], images: list, image_first: list[bool] | None = None):
+    """Left-padded model inputs asking each question about its (PIL) image through the chat template."""
+    image_first = image_first or [False] * len(questions)
+    texts = [processor.apply_chat_template(world_prompt(q, first), add_generation_prompt=True)
+             for q, first in zip(questions, image_first)]
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
 def batch_inputs(processor, items, image_root: Path, blank: bool = False):
-    """Left-padded model inputs for items (question + image file); `blank` swaps each image for plain grey."""
-    texts = [processor.apply_chat_template(world_prompt(item["question"], item.get("image_first", False)),
-                                           add_generation_prompt=True) for item in items]
+    """Model inputs for items (question + image file); `blank` swaps each image for plain grey."""
     images = [Image.open(image_root / item["image"]).convert("RGB") for item in items]
     if blank:
         images = [Image.new("RGB", img.size, (115, 115, 115)) for img in images]
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return prompt_inputs(processor, [item["question"] for item in items], images,
+                         [item.get("image_first", False) for item in items])
 
 
 @torch.no_grad()
@@ -150,4 +157,5 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
     return report
 
 
-__all__ = ["answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns", "world_prompt"]
+__all__ = ["answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns", "prompt_inputs",
+           "world_prompt"]

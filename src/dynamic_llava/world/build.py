@@ -120,10 +120,10 @@ def build_world(recipe: WorldRecipe) -> dict:
         questions = write_split(data / "questions", "train", recipe.train_size, describe_share=0.1, seed=recipe.seed)
         _dense_stage(dense, processor, questions, data / "questions" / "images", recipe.question_steps,
                      recipe.dense_learning_rate, recipe, work / "dense-questions")
-    dense_time = time.time() - started
+    dense_seconds = round(time.time() - started)
     report = finish_world(recipe, dense, processor, splits)
-    report.update(train_seconds=round(time.time() - started - report.pop("eval_seconds")),
-                  dense_seconds=round(dense_time), vision_tower_patch_accuracy=vision_report)
+    report.update(dense_seconds=dense_seconds, train_seconds=dense_seconds + report["dynamic_seconds"],
+                  vision_tower_patch_accuracy=vision_report)
     (output / "world_report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -146,15 +146,12 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
     ))
     _save_fp16(dense, processor, output / DENSE_DIR)  # a plain llava-hf checkpoint
     _save_fp16(DynamicLlavaForConditionalGeneration.from_pretrained(final), processor, output / DYNAMIC_DIR)
-    dynamic_time = time.time() - started
-
-    report = {"recipe": asdict(recipe), "dynamic_seconds": round(dynamic_time)}
+    report = {"recipe": asdict(recipe), "dynamic_seconds": round(time.time() - started)}
     for name, dense_mode in ((DENSE_DIR, True), (DYNAMIC_DIR, False)):
         rates = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense_mode else {}
         model = DynamicLlavaForConditionalGeneration.from_pretrained(output / name, dtype=torch.float32, **rates)
         report[name] = evaluate_world(model.eval(), processor, splits["test"], data / "images",
                                       limit=recipe.eval_limit)
-    report["eval_seconds"] = round(time.time() - started - dynamic_time)
     return report
 
 

@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..costs import kv_bytes_per_token
 from ..evaluation import answer_questions, exact_match, first_turns
 from ..modeling import DynamicLlavaForConditionalGeneration
 from .build import DENSE_DIR, DYNAMIC_DIR
@@ -51,8 +52,7 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
     if image_keep_rate is not None:
         dynamic.config.image_keep_rate = image_keep_rate
     text = dynamic.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    bytes_per_token = 2 * text.num_key_value_heads * head_dim * 4  # K and V, fp32, one layer
+    bytes_per_token = kv_bytes_per_token(text, dtype_bytes=4)  # K and V, fp32, one layer
     with tempfile.TemporaryDirectory() as tmp:
         items = first_turns(json.loads(write_split(Path(tmp), "test", samples, seed=seed).read_text()))
         runs = {}
