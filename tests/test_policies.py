@@ -16,6 +16,8 @@ import torch
 
 import dynamic_llava.policies as policies
 from dynamic_llava import (
+    CDPrunerPolicy,
+    DARTPolicy,
     DynamicLlavaCache,
     FastVPolicy,
     H2OPolicy,
@@ -49,6 +51,10 @@ CASES = {
     "random": Case(RandomPolicy(0.3, 0.5, seed=1), RandomPolicy(1.0, 1.0, seed=1), 0.3),
     "fastv": Case(FastVPolicy(0.25), FastVPolicy(1.0), 0.25),
     "fastv-no-predictors": Case(FastVPolicy(0.5), FastVPolicy(1.0), 0.5, model=NO_PREDICTORS),
+    "cdpruner": Case(CDPrunerPolicy(0.25), CDPrunerPolicy(1.0), 0.25),
+    "cdpruner-diversity-only": Case(CDPrunerPolicy(0.5, theta=0.0), CDPrunerPolicy(1.0), 0.5, model=NO_PREDICTORS),
+    "dart": Case(DARTPolicy(0.25), DARTPolicy(1.0), 0.25),
+    "dart-image-pivots-only": Case(DARTPolicy(0.5, image_pivots=2, text_pivots=0), DARTPolicy(1.0), 0.5),
     "streaming-1": Case(StreamingLLMPolicy(window=1), StreamingLLMPolicy(window=10**6)),
     "streaming-3": Case(StreamingLLMPolicy(window=3), StreamingLLMPolicy(window=10**6), model=NO_PREDICTORS),
     "h2o": Case(H2OPolicy(heavy=2, recent=3), H2OPolicy(heavy=10**6, recent=10**6), cache_only=True),
@@ -333,3 +339,50 @@ def test_h2o_keeps_recent_and_heaviest():
     newest = held.max(dim=1, keepdim=True).values
     assert ((held >= newest - 2) & (held >= 0)).sum(dim=1).tolist() == [3] * 3  # the recent window
     assert cache.layers[k].attention.shape == held.shape
+
+
+# ---- CDPruner and DART ----
+
+
+def test_greedy_dpp_picks_what_naive_greedy_determinants_pick():
+    """Each step adds the item that most increases det(L[S, S]) (computed naively here)."""
+    from dynamic_llava.policies.cdpruner import greedy_dpp
+
+    torch.manual_seed(0)
+    features = torch.randn(3, 12, 5, dtype=torch.float64)
+    kernel = features @ features.transpose(1, 2) + 1e-3 * torch.eye(12, dtype=torch.float64)
+    chosen = greedy_dpp(kernel, 4)
+    for b in range(3):
+        picked = []
+        for _ in range(4):
+            rest = [i for i in range(12) if i not in picked]
+            dets = [torch.linalg.det(kernel[b][[*picked, i]][:, [*picked, i]]) for i in rest]
+            picked.append(rest[int(torch.stack(dets).argmax())])
+        assert chosen[b].tolist() == picked
+
+
+class RecordingDART(DARTPolicy):
+    def image_scores(self, model, hidden, positions, context):
+        self.hidden, self.context = hidden, context
+        self.scores = super().image_scores(model, hidden, positions, context)
+        return self.scores
+
+
+def test_dart_keeps_its_pivots_and_the_least_duplicated_tokens():
+    from dynamic_llava.policies import layer_keys
+
+    model = tiny_dynamic(seed=3)
+    ids, mask, pixels = make_prompts([3], [4], seed=3)
+    policy = RecordingDART(image_keep_rate=0.5, image_pivots=2, text_pivots=0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, sparsity_policy=policy)
+        layer = model.model.language_model.layers[model.config.sparse_layer]
+        context = policy.context
+        norms = layer_keys(layer, context.hidden, context.position_embeddings).norm(dim=-1).mean(1)
+    image_norms = norms[context.image_token_mask].view(policy.hidden.shape[:2])
+    pivots = image_norms[0].topk(2).indices
+    unit = torch.nn.functional.normalize(policy.hidden[0].float(), dim=-1)
+    duplication = (unit @ unit[pivots].T).max(dim=1).values
+    expected = (-duplication).scatter(0, pivots, float("inf"))
+    assert torch.equal(policy.scores[0], expected)
+    assert torch.isinf(policy.scores[0][pivots]).all()

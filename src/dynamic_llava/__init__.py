@@ -9,6 +9,8 @@ from .modeling import (
     DynamicLlavaOutput,
 )
 from .policies import (
+    CDPrunerPolicy,
+    DARTPolicy,
     FastVPolicy,
     H2OPolicy,
     LearnedPolicy,
@@ -30,6 +32,8 @@ __all__ = [
     "DynamicLlavaModel",
     "DynamicLlamaModel",
     "DynamicLlavaOutput",
+    "CDPrunerPolicy",
+    "DARTPolicy",
     "FastVPolicy",
     "ForwardRecord",
     "H2OPolicy",

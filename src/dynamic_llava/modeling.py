@@ -176,7 +176,8 @@ class DynamicLlamaModel(LlamaModel):
         store = valid.clone()  # tokens the deeper layers keep (and cache)
         if image_token_mask is not None:
             prompt_end = max((seq if text_start is None else text_start) - 1, 0)
-            context = PolicyContext(hidden_before, (cos, sin), valid, image_token_mask, prompt_end, past)
+            context = PolicyContext(hidden_before, (cos, sin), valid, image_token_mask, prompt_end, past,
+                                    inputs_embeds=inputs_embeds, hidden=hidden)
             store &= self._select_image_tokens(
                 hidden, image_token_mask, tokens_per_image, position_ids, policy, context, record
             )

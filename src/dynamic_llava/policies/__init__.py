@@ -5,6 +5,8 @@ questions a policy answers.
 """
 
 from .base import PolicyContext, TextSlots, TokenPolicy, layer_keys, query_attention
+from .cdpruner import CDPrunerPolicy
+from .dart import DARTPolicy
 from .fastv import FastVPolicy
 from .h2o import H2OPolicy
 from .learned import LearnedPolicy
@@ -12,6 +14,8 @@ from .random import RandomPolicy
 from .streaming import StreamingLLMPolicy
 
 __all__ = [
+    "CDPrunerPolicy",
+    "DARTPolicy",
     "FastVPolicy",
     "H2OPolicy",
     "LearnedPolicy",

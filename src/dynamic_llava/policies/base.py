@@ -37,6 +37,9 @@ class PolicyContext:
     image_token_mask : [B, N] bool, True for image tokens.
     prompt_end : index in this input of the last prompt token.
     past : tokens cached before this input (0 at prefill and without cache).
+    inputs_embeds : [B, N, H] the decoder's input (word embeddings; projected image features at image
+        tokens), for selections made before the language model (None if the caller has none).
+    hidden : [B, N, H] hidden states entering layer K for every token (None if the caller has none).
     """
 
     hidden_before: torch.Tensor
@@ -45,6 +48,8 @@ class PolicyContext:
     image_token_mask: torch.Tensor
     prompt_end: int
     past: int = 0
+    inputs_embeds: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""CDPruner-style selection: relevance to the instruction and diversity among the kept tokens, before the LLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import TokenPolicy
+
+
+def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy MAP inference of a determinantal point process (Chen et al., NeurIPS 2018), batched:
+    kernel [B, n, n] positive semi-definite -> long [B, k], the items in the order they were chosen."""
+    batch, n, _ = kernel.shape
+    k = min(k, n)
+    chosen = torch.zeros(batch, k, dtype=torch.long, device=kernel.device)
+    vectors = torch.zeros(batch, k, n, dtype=kernel.dtype, device=kernel.device)
+    gains = kernel.diagonal(dim1=1, dim2=2).clone()  # the squared norm each item would add
+    rows = torch.arange(batch, device=kernel.device)
+    for j in range(k):
+        best = gains.argmax(dim=1)
+        chosen[:, j] = best
+        projection = torch.einsum("bj,bjn->bn", vectors[rows, :j, best], vectors[:, :j])
+        e = (kernel[rows, best] - projection) / gains[rows, best].clamp(min=1e-12).sqrt().unsqueeze(1)
+        vectors[:, j] = e
+        gains = gains - e.square()
+        gains[rows, best] = float("-inf")
+    return chosen
+
+
+@dataclass
+class CDPrunerPolicy(TokenPolicy):
+    """After CDPruner (Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token
+    Pruning in MLLMs", 2025): a training-free selection made from the language model's *input* (the projected
+    image features), before any decoder layer has run. Each image's kept set maximises the determinant of a
+    conditional kernel L = diag(q) S diag(q): S is the cosine similarity of the image features (diversity),
+    q_i = theta * r_i + (1 - theta) with r_i the min-max normalised cosine similarity of feature i to the mean
+    instruction embedding (relevance). Greedy DPP MAP inference picks floor(rate * tokens) tokens per image.
+
+    CDPruner reads CLIP's text encoder for relevance; a llava-hf model has none, so the instruction is the
+    prompt's non-image tokens as the decoder embeds them. The engine still runs layers < K on every token
+    (the selection is applied at layer K), so this compares which tokens are kept at equal budgets, not
+    the extra prefill that pruning before layer 0 would save.
+
+    Parameters
+    ----------
+    image_keep_rate : float | None
+        Share of each image's tokens kept (None: the model config's rate).
+    theta : float
+        Weight of relevance in the kernel, in [0, 1] (0: diversity only).
+    """
+
+    image_keep_rate: float | None = None
+    theta: float = 0.5
+
+    def image_scores(self, model, hidden, positions, context):
+        if context.inputs_embeds is None:
+            raise ValueError("CDPrunerPolicy needs the decoder input (context.inputs_embeds).")
+        if context.past > 0:
+            raise NotImplementedError("CDPrunerPolicy scores images at prefill; the prompt must not follow cached tokens.")
+        embeds, mask = context.inputs_embeds.float(), context.image_token_mask
+        images, tokens = positions.shape
+        features = torch.nn.functional.normalize(embeds[mask].view(images, tokens, -1), dim=-1)
+        text = ~mask & context.padding_mask
+        text[:, context.prompt_end + 1 :] = False
+        instruction = (embeds * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
+        owner = mask.sum(1).div(tokens, rounding_mode="floor")  # images per sample
+        instruction = torch.nn.functional.normalize(instruction, dim=-1).repeat_interleave(owner, dim=0)
+        relevance = torch.einsum("itc,ic->it", features, instruction)
+        low, high = relevance.min(1, keepdim=True).values, relevance.max(1, keepdim=True).values
+        quality = self.theta * (relevance - low) / (high - low).clamp(min=1e-6) + (1 - self.theta)
+        similarity = features @ features.transpose(1, 2)
+        kernel = quality.unsqueeze(2) * similarity * quality.unsqueeze(1)
+        rate = self.image_keep_rate if self.image_keep_rate is not None else model.sparsity.image_keep_rate
+        k = max(1, int(rate * tokens + 1e-6))
+        order = greedy_dpp(kernel.double(), k)
+        scores = torch.full((images, tokens), -1.0, dtype=torch.float32, device=hidden.device)
+        return scores.scatter_(1, order, torch.arange(k, 0, -1, dtype=torch.float32, device=hidden.device)
+                               .expand(images, -1).contiguous())
+
+
+__all__ = ["CDPrunerPolicy", "greedy_dpp"]
