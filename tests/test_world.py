@@ -1,17 +1,36 @@
-"""The synthetic world: deterministic, consistent, tokenised without unknowns; the harness runs on it."""
+"""The synthetic world: deterministic, fair (no answer shortcuts), hard to prune at random, tokenised
+without unknowns; its dense trainer sees exactly what the processor gives; the harness runs on it."""
 
 import json
 from collections import Counter
+from math import comb
 
 import numpy as np
 import torch
 from transformers import AutoProcessor
 
 from dynamic_llava import DynamicLlavaConfig, DynamicLlavaForConditionalGeneration
+from dynamic_llava.data import LlavaConversationDataset
 from dynamic_llava.evaluation import evaluate_world, exact_match
+from dynamic_llava.evaluation.world import listing_correct
 from dynamic_llava.world.assets import build_processor
+from dynamic_llava.world.dense import PromptEncoder, ScenePool, Stage, encode_scenes, held_out_accuracy, train_stage
 from dynamic_llava.world.models import tiny_llava_config
-from dynamic_llava.world.scenes import NUMBERS, ask, describe, sample_scene, write_split
+from dynamic_llava.world.scenes import (
+    CELLS,
+    LIST_PROMPT,
+    NUMBERS,
+    ask,
+    describe,
+    is_trap,
+    listing,
+    object_patches,
+    random_keep_loss_rate,
+    sample_scene,
+    sample_turn,
+    write_split,
+)
+from dynamic_llava.world.vision import HEADS, patch_labels
 
 
 def test_splits_are_deterministic_by_seed(tmp_path):
@@ -24,27 +43,103 @@ def test_splits_are_deterministic_by_seed(tmp_path):
         assert (a / "images" / image).read_bytes() == (b / "images" / image).read_bytes()
     write_split(b, "test", 12)
     assert (a / "validation.json").read_text() != (b / "test.json").read_text().replace("test", "validation")
+    write_split(b / "other", "validation", 12, seed=5)
+    assert (a / "validation.json").read_text() != (b / "other" / "validation.json").read_text()
 
 
-def test_answers_agree_with_the_scene():
+def test_existence_is_balanced_for_every_object_count_and_mostly_traps():
     rng = np.random.default_rng(0)
-    answers = Counter()
-    for _ in range(300):
+    yes, no_multi, traps = Counter(), 0, 0
+    asked = Counter()
+    for _ in range(4000):
         scene = sample_scene(rng)
-        assert ask(scene, "count", rng)[1] == NUMBERS[len(scene.objects)]
         question, answer = ask(scene, "exist", rng)
         color, shape = question.split()[3:5]
         present = any(o.color == color and o.shape == shape for o in scene.objects)
         assert answer == ("yes" if present else "no")
-        answers[answer] += 1
+        n = len(scene.objects)
+        asked[n] += 1
+        yes[n] += answer == "yes"
+        if n > 1 and answer == "no":
+            no_multi += 1
+            traps += is_trap(scene, question)
+    for n in range(1, 5):
+        assert 0.45 < yes[n] / asked[n] < 0.55, (n, yes[n] / asked[n])
+    assert traps / no_multi >= 0.5, traps / no_multi  # binding traps: both words occur, on different objects
+
+
+def test_referents_are_unique_and_usually_confusable():
+    rng = np.random.default_rng(1)
+    confusable = Counter()
+    for _ in range(1500):
+        scene = sample_scene(rng, min_objects=2)
+        colors, shapes = [o.color for o in scene.objects], [o.shape for o in scene.objects]
+        assert len(set(zip(colors, shapes))) == len(colors)  # no two objects alike
+        assert ask(scene, "count", rng)[1] == NUMBERS[len(scene.objects)]
         qa = ask(scene, "color", rng)
         if qa:
             shape = qa[0].split()[-2]
             assert [o.color for o in scene.objects if o.shape == shape] == [qa[1]]
-    assert 0.4 < answers["yes"] / sum(answers.values()) < 0.6  # POPE-style balance
+            confusable["color"] += colors.count(qa[1]) > 1
+        qa = ask(scene, "shape", rng)
+        if qa:
+            color = qa[0].split()[-3]
+            assert [o.shape for o in scene.objects if o.color == color] == [qa[1]]
+        question, answer = ask(scene, "position", rng)
+        color, shape = question.split()[3:5]
+        assert [CELLS[o.cell] for o in scene.objects if (o.color, o.shape) == (color, shape)] == [answer]
+    assert confusable["color"] > 200  # the asked object's colour is often on another object too
 
 
-def test_tokenizer_covers_the_world_and_descriptions_are_long(tmp_path):
+def test_objects_live_on_few_patches_and_random_keep_loses_them():
+    rng = np.random.default_rng(2)
+    scenes = [sample_scene(rng) for _ in range(300)]
+    sizes = [len(p) for s in scenes for p in object_patches(s)]
+    assert 2 <= np.mean(sizes) <= 8 and min(sizes) >= 1
+    rate = random_keep_loss_rate(scenes, 0.2)
+    assert 0.3 < rate < 0.7, rate
+    # the exact rate equals a simulation of uniform random keeps
+    sim_rng = np.random.default_rng(3)
+    lost = []
+    for scene in scenes[:100]:
+        for patches in object_patches(scene):
+            kept = sim_rng.choice(64, size=12, replace=False)
+            lost.append(not set(patches) & set(kept.tolist()))
+    exact = random_keep_loss_rate(scenes[:100], 0.2)
+    assert abs(np.mean(lost) - exact) < 0.06
+    patches = object_patches(scenes[0])[0]
+    assert random_keep_loss_rate([scenes[0]], 0.2) >= comb(64 - len(patches), 12) / comb(64, 12) - 1e-12
+
+
+def test_patch_labels_mark_the_covered_patches():
+    rng = np.random.default_rng(4)
+    scene = sample_scene(rng, min_objects=3)
+    labels = patch_labels(scene, 8, 12)
+    covered = set()
+    for obj, patches in zip(scene.objects, object_patches(scene)):
+        covered |= set(patches)
+        assert any(int(labels["color"][p]) == HEADS["color"].index(obj.color) for p in patches)
+        assert all(int(labels["cell"][p]) == HEADS["cell"].index(CELLS[obj.cell]) for p in patches
+                   if int(labels["shape"][p]) == HEADS["shape"].index(obj.shape)
+                   and int(labels["color"][p]) == HEADS["color"].index(obj.color))
+    assert set(torch.nonzero(labels["shape"]).flatten().tolist()) <= covered
+
+
+def test_listings_go_backwards_and_their_check_needs_the_order():
+    rng = np.random.default_rng(5)
+    scene, (question, answer) = sample_turn(rng, "list")
+    assert question == LIST_PROMPT and len(scene.objects) >= 3
+    first, tail = answer.split("backwards :")
+    names = [" ".join(item.split()[2:4]) for item in first.rstrip(" .").split(";")]
+    assert [n.strip() for n in tail.rstrip(" .").split(",")] == names[::-1]
+    assert listing_correct(answer, answer)
+    other = listing(scene, np.random.default_rng(99))
+    assert listing_correct(other, answer)  # another order is right, if its second part follows it
+    swapped_tail = first + "backwards : " + " , ".join(names) + " ."
+    assert not listing_correct(swapped_tail, answer)
+
+
+def test_tokenizer_covers_the_world_and_long_answers_are_long(tmp_path):
     processor = build_processor()
     tokenizer = processor.tokenizer
     rng = np.random.default_rng(1)
@@ -57,24 +152,66 @@ def test_tokenizer_covers_the_world_and_descriptions_are_long(tmp_path):
             qa = ask(scene, kind, rng)
             if qa:
                 assert tokenizer.unk_token_id not in tokenizer(" ".join(qa)).input_ids
+        _, (question, answer) = sample_turn(rng, "list")
+        ids = tokenizer(question + " " + answer, add_special_tokens=False).input_ids
+        assert tokenizer.unk_token_id not in ids and len(ids) >= 40
     processor.save_pretrained(tmp_path)
     again = AutoProcessor.from_pretrained(tmp_path)
     assert again.tokenizer.get_vocab() == tokenizer.get_vocab()
 
 
+def test_prompt_encoder_matches_the_processor_and_the_dataset(tmp_path):
+    processor = build_processor()
+    encoder = PromptEncoder(processor, 64)
+    write_split(tmp_path, "train", 6, mix={"exist": 1.0, "list": 1.0}, max_turns=1)
+    records = json.loads((tmp_path / "train.json").read_text())
+    dataset = LlavaConversationDataset(records, tmp_path / "images", processor)
+    for index, record in enumerate(records):
+        question = record["conversations"][0]["value"].replace("\n<image>", "")
+        ids, start = encoder.sample(question, record["conversations"][1]["value"])
+        item = dataset[index]
+        assert item["input_ids"].tolist() == ids
+        labelled = (item["labels"] != -100).nonzero().flatten().tolist()
+        assert labelled == list(range(start, len(ids)))
+
+
+def test_dense_stage_learns_and_stops_at_its_target():
+    processor = build_processor()
+    torch.manual_seed(0)
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=2))
+    model.model.vision_tower.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(64)]
+    pool = ScenePool(scenes, encode_scenes(model, processor.image_processor, scenes, progress=False))
+    encoder = PromptEncoder(processor, 64)
+    before = held_out_accuracy(model, encoder, pool, ["count"])["count"]
+    stage = Stage("count", {"count": 1.0}, 500, 3e-3, 16, targets={"count": 0.8}, eval_every=20)
+    result = train_stage(model, encoder, pool, pool, stage, progress=False)
+    after = held_out_accuracy(model, encoder, pool, ["count"])["count"]
+    assert after == result["history"][-1]["count"]  # the stage's own check, repeated
+    assert after > before and after >= 0.8, (before, after)
+    assert result["reached_targets"] and result["steps"] < 500
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is None  # the tower stays frozen
+
+
 def test_harness_runs_through_the_engine(tmp_path):
-    write_split(tmp_path, "test", 10, describe_share=0.3)
+    write_split(tmp_path, "test", 14)
     processor = build_processor()
     config = DynamicLlavaConfig(**tiny_llava_config(len(processor.tokenizer), width=32, layers=3).to_dict())
     torch.manual_seed(0)
     model = DynamicLlavaForConditionalGeneration(config).eval()
     report = evaluate_world(model, processor, tmp_path / "test.json", tmp_path / "images", batch_size=4,
                             progress=False)
-    assert report["samples"] == 10
+    assert report["samples"] == 14
     assert set(report["accuracy"]) <= {"color", "shape", "count", "exist", "position"}
-    assert report["image_tokens_kept"] == int(0.2 * 144)
-    if "describe_ppl" in report:
-        assert report["describe_ppl"] > 1
+    assert report["image_tokens_kept"] == int(0.2 * 64)
+    for kind in ("describe", "list"):
+        if f"{kind}_ppl" in report:
+            assert report[f"{kind}_ppl"] > 1
+    if "list_backwards_ppl" in report:
+        assert report["list_backwards_ppl"] > 1
 
 
 def test_exact_match_normalisation():
@@ -98,5 +235,5 @@ def test_world_demo_runs_on_saved_checkpoints(tmp_path):
         processor.save_pretrained(tmp_path / name)
     assert checkpoints_present(tmp_path)
     result = run_world_demo(tmp_path, samples=6, show=False)
-    assert result["image_tokens_kept"] == {"dense": 144, "Dynamic-LLaVA": int(0.2 * 144)}
+    assert result["image_tokens_kept"] == {"dense": 64, "Dynamic-LLaVA": int(0.2 * 64)}
     assert result["kv_bytes"]["Dynamic-LLaVA"] < result["kv_bytes"]["dense"]

@@ -115,26 +115,30 @@ def train(
 @app.command()
 def world(
     output: str = typer.Option("checkpoints", help="Where the dense and Dynamic-LLaVA checkpoints are written."),
-    work: str = typer.Option("runs/world", help="Data and intermediate runs."),
-    seed: int = typer.Option(0, help="Seeds the world, the weights and the data order."),
-    vision_steps: int = typer.Option(1500, help="Vision-tower pre-training steps on patch labels (stage 0)."),
-    describe_steps: int = typer.Option(400, help="Dense steps on descriptions only (stage 1)."),
-    dense_steps: int = typer.Option(1200, help="Dense steps on every question type, 30% descriptions (stage 2)."),
+    work: str = typer.Option("runs/world", help="Data, cached stages and intermediate runs (a rerun resumes)."),
+    seed: int = typer.Option(0, min=0, help="Seeds the world, the weights and the data order."),
+    vision_steps: int = typer.Option(1200, min=1, help="Vision-tower pre-training steps on patch labels (stage 0)."),
     vision_tower: str = typer.Option(None, help="Reuse the vision tower an earlier build saved (WORK/vision_tower)."),
-    question_steps: int = typer.Option(1200, help="Dense steps on every question type, 10% descriptions (stage 3)."),
-    dynamic_steps: int = typer.Option(400, help="Dynamic-LLaVA fine-tuning steps."),
-    eval_limit: int = typer.Option(600, help="Test samples evaluated per model."),
+    pool_size: int = typer.Option(20000, min=100, help="Training scenes whose tower features are cached."),
+    question_steps: int = typer.Option(4000, min=1, help="Most dense steps on short questions (ends at the target)."),
+    long_steps: int = typer.Option(1500, min=1, help="Most dense steps on questions, descriptions and listings."),
+    dynamic_steps: int = typer.Option(400, min=1, help="Dynamic-LLaVA fine-tuning steps."),
+    test_size: int = typer.Option(1200, min=10, help="Records in each test split (the build's seed and a fresh one)."),
 ) -> None:
     """Build the synthetic world from nothing: data, a tiny dense LLaVA, its Dynamic-LLaVA, and their accuracy."""
     import json
+    from pathlib import Path
 
     from .world.build import WorldRecipe, build_world
 
+    if vision_tower is not None and not (Path(vision_tower) / "model.safetensors").is_file():
+        _fail(f"--vision-tower {vision_tower}: no model.safetensors there (a folder an earlier build wrote as "
+              "WORK/vision_tower).")
     report = build_world(WorldRecipe(
-        output=output, work=work, seed=seed, vision_steps=vision_steps, describe_steps=describe_steps, dense_steps=dense_steps,
-        question_steps=question_steps, vision_tower=vision_tower,
-        dynamic_steps=dynamic_steps, eval_limit=eval_limit,
-    ))
+        output=output, work=work, seed=seed, vision_steps=vision_steps, vision_tower=vision_tower,
+        pool_size=pool_size, question_steps=question_steps, long_steps=long_steps, dynamic_steps=dynamic_steps,
+        test_size=test_size,
+    ), log=typer.echo)
     typer.echo(json.dumps(report, indent=2))
 
 
@@ -200,11 +204,12 @@ def bench(
 @app.command("bench-accuracy")
 def bench_accuracy(
     checkpoint: str = typer.Option("checkpoints/tiny-dynamic-llava", help="The trained world model."),
-    questions: int = typer.Option(400, help="Test records evaluated (short questions and descriptions)."),
+    questions: int = typer.Option(1200, help="Test records evaluated (short questions, descriptions, listings)."),
+    seed: int = typer.Option(0, min=0, help="Generator seed of the test split (the shipped models were built on 0)."),
     output: str = typer.Option("results", help="Folder for accuracy.json and the plots."),
 ) -> None:
     """Accuracy vs budget on the trained world model: every policy at image keep 0.1 / 0.2 / 0.5 and text keep
-    0.2 / 0.5 / 0.8 (exact match, description perplexity), with a kept-token overlay."""
+    0.2 / 0.5 / 0.8 (exact match, description and listing perplexity), with a kept-token overlay."""
     from pathlib import Path
 
     from rich.console import Console
@@ -217,7 +222,7 @@ def bench_accuracy(
     if questions < 10:
         _fail(f"--questions must be at least 10, got {questions}.")
     console = Console(width=160)
-    report = run_accuracy(AccuracySettings(checkpoint=checkpoint, questions=questions), log=console.log)
+    report = run_accuracy(AccuracySettings(checkpoint=checkpoint, questions=questions, seed=seed), log=console.log)
     for table in accuracy_tables(report):
         console.print(table)
     path = write_report(report, Path(output) / "accuracy.json")

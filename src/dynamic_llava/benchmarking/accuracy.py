@@ -2,13 +2,16 @@
 
 * Image budget (keep 0.1 / 0.2 / 0.5 of each image's tokens; generated tokens all kept): exact match
   per question type and the teacher-forced perplexity of reference descriptions, for Dynamic-LLaVA's
-  image predictor, FastV and random selection, next to the dense model; with each point's exact
-  prefill FLOPs.
+  image predictor, FastV, CDPruner-style and DART-style selection and random selection, next to the
+  dense model; with each point's exact prefill FLOPs.
 * Text budget (0.2 / 0.5 / 0.8 of the generated tokens held in layers >= K; image tokens all kept):
-  perplexity of the reference descriptions, decoded with the KV cache, for the output-text predictor
-  (its keep-probability threshold set on held-out descriptions so that it keeps that share), random
-  selection, a StreamingLLM window and H2O heavy hitters (their windows sized to hold that share of a
-  description at its end).
+  perplexity of reference listings (the objects in a random order, then backwards: the second part
+  can only be read from the first), decoded with the KV cache, over the whole listing and over its
+  second part, for the output-text predictor (its keep-probability threshold set on held-out listings
+  so that it keeps that share), random selection, a StreamingLLM window and H2O heavy hitters (their
+  windows sized to hold that share of a listing at its end).
+
+The test split comes from any generator seed (`seed`), so a figure can be checked on scenes no model saw.
 """
 
 from __future__ import annotations
@@ -24,8 +27,16 @@ import torch
 
 from .. import costs
 from ..evaluation import answer_perplexity, answer_questions, exact_match, first_turns
-from ..evaluation.world import batch_inputs, prompt_inputs
-from ..policies import FastVPolicy, H2OPolicy, LearnedPolicy, RandomPolicy, StreamingLLMPolicy
+from ..evaluation.world import BACKWARDS, batch_inputs, prompt_inputs
+from ..policies import (
+    CDPrunerPolicy,
+    DARTPolicy,
+    FastVPolicy,
+    H2OPolicy,
+    LearnedPolicy,
+    RandomPolicy,
+    StreamingLLMPolicy,
+)
 from ..predictors import keep_log_prob
 from ..world.scenes import write_split
 
@@ -35,9 +46,9 @@ class AccuracySettings:
     checkpoint: str = "checkpoints/tiny-dynamic-llava"
     image_rates: tuple[float, ...] = (0.1, 0.2, 0.5)
     text_rates: tuple[float, ...] = (0.2, 0.5, 0.8)
-    questions: int = 400  # test records read (short questions and descriptions among them)
-    calibration: int = 100  # validation records whose descriptions set the output-text threshold
-    seed: int = 0
+    questions: int = 1200  # test records read (short questions, descriptions and listings among them)
+    calibration: int = 100  # validation listings that set the output-text threshold
+    seed: int = 0  # the generator seed of the test and calibration splits
     batch_size: int = 32
 
 
@@ -90,14 +101,17 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
         root = Path(tmp)
         test = first_turns(json.loads(write_split(root, "test", settings.questions, seed=settings.seed).read_text()))
         held_out = first_turns(json.loads(
-            write_split(root, "validation", settings.calibration, describe_share=1.0, seed=settings.seed).read_text()))
+            write_split(root, "validation", settings.calibration, mix={"list": 1.0}, seed=settings.seed).read_text()))
         images = root / "images"
-        short = [i for i in test if i["type"] != "describe"]
+        short = [i for i in test if i["type"] not in ("describe", "list")]
         long = [i for i in test if i["type"] == "describe"]
+        listings = [i for i in test if i["type"] == "list"]
         per_image = model.tokens_per_image()
         prompt_tokens = batch_inputs(processor, short[:1], images, blank=False)["input_ids"].shape[1]
-        report = {"settings": asdict(settings), "short_questions": len(short), "descriptions": len(long),
-                  "image_tokens": per_image, "image_sweep": [], "text_sweep": []}
+        counts = {t: sum(i["type"] == t for i in short) for t in sorted({i["type"] for i in short})}
+        report = {"settings": asdict(settings), "short_questions": len(short), "questions_per_type": counts,
+                  "descriptions": len(long), "listings": len(listings), "image_tokens": per_image,
+                  "image_sweep": [], "text_sweep": []}
 
         def image_point(method, rate, policy, predictor):
             per_type, overall = _exact_match(model, processor, short, images, policy, settings.batch_size)
@@ -113,27 +127,34 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
         for rate in settings.image_rates:
             image_point("dynamic-llava", rate, LearnedPolicy(image_keep_rate=rate), True)
             image_point("fastv", rate, FastVPolicy(image_keep_rate=rate), False)
+            image_point("cdpruner", rate, CDPrunerPolicy(image_keep_rate=rate), False)
+            image_point("dart", rate, DARTPolicy(image_keep_rate=rate), False)
             image_point("random", rate, RandomPolicy(image_keep_rate=rate, seed=settings.seed), False)
 
-        lengths = [len(processor.tokenizer(i["answer"], add_special_tokens=False).input_ids) + 1 for i in long]
+        lengths = [len(processor.tokenizer(i["answer"], add_special_tokens=False).input_ids) + 1 for i in listings]
         typical = statistics.median(lengths)
         model.config.text_keep_rate = 0.5  # any rate < 1 turns the output-text predictor on
         thresholds = calibrate_text_threshold(model, processor, held_out, images, settings.text_rates)
+
+        def text_point(method, rate, policy, window=None):
+            stats = []
+            ppl = answer_perplexity(model, processor, listings, images, policy=policy, progress=False, stats=stats)
+            backwards = answer_perplexity(model, processor, listings, images, policy=policy, progress=False,
+                                          after=BACKWARDS)
+            report["text_sweep"].append({"method": method, "text_keep_rate": rate, "list_ppl": ppl,
+                                         "list_backwards_ppl": backwards, "held_share_at_end": held_share(stats),
+                                         "window": window})
+            log(f"text keep {rate}: {method}: listing PPL {ppl:.3f}, its second part {backwards:.3f}")
+
+        text_point("dense", 1.0, RandomPolicy(image_keep_rate=1.0, text_keep_rate=1.0))
         for rate, threshold in zip(settings.text_rates, thresholds):
             budget = max(1, round(rate * typical))
-            policies = {
-                "dynamic-llava": _ThresholdPolicy(image_keep_rate=1.0, threshold=threshold),
-                "random": RandomPolicy(image_keep_rate=1.0, text_keep_rate=rate, seed=settings.seed),
-                "streamingllm": _full_image(StreamingLLMPolicy(window=budget)),
-                "h2o": _full_image(H2OPolicy(heavy=budget // 2, recent=max(1, budget - budget // 2))),
-            }
-            for method, policy in policies.items():
-                stats = []
-                ppl = answer_perplexity(model, processor, long, images, policy=policy, progress=False, stats=stats)
-                report["text_sweep"].append({"method": method, "text_keep_rate": rate, "describe_ppl": ppl,
-                                             "held_share_at_end": held_share(stats), "window": budget
-                                             if method in ("streamingllm", "h2o") else None})
-                log(f"text keep {rate}: {method}: description PPL {ppl:.3f}")
+            text_point("dynamic-llava", rate, _ThresholdPolicy(image_keep_rate=1.0, threshold=threshold))
+            text_point("random", rate, RandomPolicy(image_keep_rate=1.0, text_keep_rate=rate, seed=settings.seed))
+            text_point("streamingllm", rate, _full_image(StreamingLLMPolicy(window=budget)), budget)
+            text_point("h2o", rate, _full_image(H2OPolicy(heavy=budget // 2, recent=max(1, budget - budget // 2))),
+                       budget)
+        text_point("none kept", 0.0, _NoGeneratedText(image_keep_rate=1.0))
     return report
 
 
@@ -146,6 +167,13 @@ class _ThresholdPolicy(LearnedPolicy):
 
     def text_keep(self, model, hidden, positions):
         return keep_log_prob(model.text_predictor(hidden)).exp() > self.threshold
+
+
+class _NoGeneratedText(LearnedPolicy):
+    """Layers >= K see no generated token (the control: what the answer's own text adds)."""
+
+    def text_keep(self, model, hidden, positions):
+        return torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
 
 
 def _full_image(policy):

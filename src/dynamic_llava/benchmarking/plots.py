@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 STYLE = {"dense": ("black", "*"), "dynamic-llava": ("tab:red", "o"), "fastv": ("tab:blue", "s"),
-         "random": ("tab:gray", "^"), "streamingllm": ("tab:green", "D"), "h2o": ("tab:purple", "v")}
+         "random": ("tab:gray", "^"), "cdpruner": ("tab:orange", "P"), "dart": ("tab:cyan", "X"), "streamingllm": ("tab:green", "D"), "h2o": ("tab:purple", "v")}
 
 
 def _save(fig, path: Path) -> Path:

@@ -81,10 +81,11 @@ def answer_questions(model, processor, items, image_root, batch_size=32, max_new
 
 @torch.no_grad()
 def answer_perplexity(model, processor, items, image_root, batch_size=16, policy=None, progress=True,
-                      stats: list | None = None) -> float:
+                      stats: list | None = None, after: str | None = None) -> float:
     """Perplexity of the reference answers under teacher forcing, decoding with the KV cache (the
     output-text predictor decides, token by token, which answer tokens stay in layers >= K).
-    Pass a list as `stats` to receive one `SparsityStats` per batch (tokens kept, evicted, KV held)."""
+    Pass a list as `stats` to receive one `SparsityStats` per batch (tokens kept, evicted, KV held).
+    With `after`, only the tokens that follow that text in each answer are scored (all are fed)."""
     total_nll, total_tokens = 0.0, 0
     tokenizer = processor.tokenizer
     for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="perplexity"):
@@ -95,9 +96,9 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
         length = max(len(a) for a in answers)
         targets = torch.full((len(chunk), length), tokenizer.pad_token_id)
         valid = torch.zeros(len(chunk), length, dtype=torch.bool)
-        for i, a in enumerate(answers):
+        for i, (item, a) in enumerate(zip(chunk, answers)):
             targets[i, : len(a)] = torch.tensor(a)
-            valid[i, : len(a)] = True
+            valid[i, _scored_from(tokenizer, item["answer"], after) : len(a)] = True
         mask = inputs["attention_mask"]
         prompt_length = mask.shape[1]
         cache = DynamicLlavaCache.from_config(model.config)
@@ -121,14 +122,43 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
     return perplexity(total_nll, total_tokens)
 
 
+def _scored_from(tokenizer, answer: str, after: str | None) -> int:
+    """Index of the first answer token that follows `after` (0: score every token)."""
+    if after is None or after not in answer:
+        return 0
+    prefix = answer[: answer.index(after) + len(after)]
+    return len(tokenizer(prefix, add_special_tokens=False).input_ids)
+
+
+BACKWARDS = "backwards :"  # where a listing's second part, read from its first, begins
+
+
+def listing_correct(prediction: str, reference: str) -> bool:
+    """A listing is right when it names the reference's objects (in any order: the order is the model's
+    choice) and its second part names them in exactly the reverse of the order its first part chose."""
+    def parse(text):
+        if BACKWARDS not in text:
+            return None, None
+        first, tail = text.split(BACKWARDS, 1)
+        items = [" ".join(i.split()) for i in first.strip().rstrip(".").split(";")]
+        names = [" ".join(i.split()[2:4]) for i in items]
+        return items, [" ".join(n.split()) for n in tail.strip().rstrip(".").split(",")], names
+    parsed, wanted = parse(prediction), parse(reference)
+    if parsed[0] is None or wanted[0] is None:
+        return False
+    (items, tail, names), (ref_items, _, _) = parsed, wanted
+    return sorted(items) == sorted(ref_items) and tail == names[::-1]
+
+
 def evaluate_world(model, processor, split_json, image_root, limit=None, batch_size=32, policy=None,
                    blank_control=True, progress=True) -> dict:
-    """Per-type exact match (and with blank images, the chance control), description chrF and
-    perplexity, mean image tokens kept, generated tokens kept and KV tokens per sample."""
+    """Per-type exact match (and with blank images, the chance control); for descriptions and listings chrF,
+    exact match and perplexity (for listings also of their second part alone, which depends on the first);
+    mean image tokens kept, generated tokens kept and KV tokens per sample."""
     records = json.loads(Path(split_json).read_text())[:limit]
     items = first_turns(records)
-    short = [i for i in items if i["type"] != "describe"]
-    long = [i for i in items if i["type"] == "describe"]
+    short = [i for i in items if i["type"] not in ("describe", "list")]
+    long = [i for i in items if i["type"] in ("describe", "list")]
     report: dict = {"samples": len(items)}
     answers = answer_questions(model, processor, short, image_root, batch_size, 6, policy=policy, progress=progress)
     by_type = defaultdict(list)
@@ -143,13 +173,21 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
         for a in blank:
             blank_by_type[a["type"]].append(exact_match(a["prediction"], a["answer"]))
         report["accuracy_blank_image"] = {t: sum(v) / len(v) for t, v in sorted(blank_by_type.items())}
-    if long:
-        described = answer_questions(model, processor, long, image_root, batch_size, 80, policy=policy,
-                                     progress=progress)
-        report["describe_chrf"] = chrf([d["prediction"] for d in described], [d["answer"] for d in described])
-        report["describe_exact"] = sum(exact_match(d["prediction"], d["answer"]) for d in described) / len(described)
-        report["describe_ppl"] = answer_perplexity(model, processor, long, image_root, batch_size, policy, progress)
-        answers = answers + described
+    for kind in ("describe", "list"):
+        chosen = [i for i in long if i["type"] == kind]
+        if not chosen:
+            continue
+        done = answer_questions(model, processor, chosen, image_root, batch_size, 90, policy=policy,
+                                progress=progress)
+        report[f"{kind}_samples"] = len(done)
+        report[f"{kind}_chrf"] = chrf([d["prediction"] for d in done], [d["answer"] for d in done])
+        right = listing_correct if kind == "list" else exact_match
+        report[f"{kind}_exact"] = sum(right(d["prediction"], d["answer"]) for d in done) / len(done)
+        report[f"{kind}_ppl"] = answer_perplexity(model, processor, chosen, image_root, batch_size, policy, progress)
+        if kind == "list":  # the part that repeats the listing's own order backwards
+            report["list_backwards_ppl"] = answer_perplexity(model, processor, chosen, image_root, batch_size,
+                                                             policy, progress, after=BACKWARDS)
+        answers = answers + done
     report["image_tokens_kept"] = sum(a["image_tokens_kept"] or 0 for a in answers) / len(answers)
     kept = [a for a in answers if a["generated"]]
     report["generated_kept_share"] = sum(a["generated_kept"] for a in kept) / max(sum(a["generated"] for a in kept), 1)
@@ -157,5 +195,5 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
     return report
 
 
-__all__ = ["answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns", "prompt_inputs",
-           "world_prompt"]
+__all__ = ["BACKWARDS", "answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns",
+           "listing_correct", "prompt_inputs", "world_prompt"]

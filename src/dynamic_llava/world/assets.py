@@ -47,8 +47,8 @@ def llava_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcess
     )
 
 
-def build_processor(image_size: int = 96, patch_size: int = 8) -> LlavaProcessor:
-    """The world's processor: its tokenizer, 96 px images, 144 image tokens."""
+def build_processor(image_size: int = 96, patch_size: int = 12) -> LlavaProcessor:
+    """The world's processor: its tokenizer, 96 px images, 64 image tokens."""
     return llava_processor(build_tokenizer(), image_size, patch_size)
 
 

@@ -1,13 +1,18 @@
 """One command from nothing to the shipped world checkpoints: data, dense LLaVA, Dynamic-LLaVA, report.
 
-1. write the train / validation / test splits (deterministic by seed);
-2. pre-train the vision tower on patch labels (`vision.py`: what CLIP is to LLaVA), then freeze it;
-3. train the rest of the tiny dense LLaVA from scratch (stock `LlavaForConditionalGeneration`, HF
-   Trainer): a description stage (every answer a full scene description), then all question types
-   with 30% descriptions, then a questions stage with 10% descriptions (short answers carry little of
-   the token-averaged loss while descriptions are in the mix);
-4. fine-tune Dynamic-LLaVA I|T from it with the sparsification-aware recipe (`training.train`);
-5. save both (fp16 weights, with the processor) and evaluate them on the test split.
+0. pre-train the vision tower on patch labels (`vision.py`: what CLIP is to LLaVA), then freeze it;
+1. cache its features for a pool of training scenes and a held-out pool (`dense.py`);
+2. train the projector and decoder of the tiny dense LLaVA (stock `LlavaForConditionalGeneration`) on
+   short questions, the loss normalised per answer, at a constant learning rate until every question type
+   reaches its held-out target; then on questions, descriptions and listings together, ending with a
+   decay once the targets hold;
+3. fine-tune Dynamic-LLaVA I|T from it with the sparsification-aware recipe (`training.train`);
+4. save both (fp16 weights, with the processor) and evaluate them on the test split and on a fresh
+   generator seed.
+
+Every stage writes its result under `work/` before the next begins, and a rerun of the same command
+reuses what is there (the tower, each dense stage, the fine-tune's checkpoints), so a stopped build
+resumes at the stage it was in.
 """
 
 from __future__ import annotations
@@ -19,22 +24,24 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
+from transformers import LlavaForConditionalGeneration
 
-from ..data import LlavaCollator, LlavaConversationDataset
 from ..evaluation import evaluate_world
 from ..modeling import DynamicLlavaForConditionalGeneration
 from ..training import TrainingRecipe, train
 from .assets import build_processor
+from .dense import PromptEncoder, ScenePool, Stage, encode_scenes, train_stage
 from .models import tiny_llava_config
-from .scenes import write_split
+from .scenes import QUESTION_TYPES, random_keep_loss_rate, sample_scene, write_split
 from .vision import pretrain_vision_tower
 
 logger = logging.getLogger(__name__)
 
 DENSE_DIR, DYNAMIC_DIR = "tiny-llava", "tiny-dynamic-llava"
+FRESH_SEED_OFFSET = 1000  # the report's second test split: generator seed = seed + this
 
 
 @dataclass
@@ -42,88 +49,133 @@ class WorldRecipe:
     output: str = "checkpoints"
     work: str = "runs/world"
     seed: int = 0
-    train_size: int = 20000
-    test_size: int = 600
-    vision_steps: int = 1500
+    vision_steps: int = 1200
     vision_batch_size: int = 64
     vision_tower: str | None = None  # a tower saved by an earlier build (work/vision_tower): reused, stage 0 skipped
-    describe_steps: int = 400
-    dense_steps: int = 1200
-    question_steps: int = 1200
-    dynamic_steps: int = 400
+    pool_size: int = 20000  # training scenes whose tower features are cached for the dense stages
+    held_out_size: int = 1000
+    question_steps: int = 4000  # at most; the stage ends once every question type reaches question_target
+    question_target: float = 0.98
+    long_steps: int = 1500  # at most: questions, descriptions and listings together
+    long_decay_steps: int = 300
     batch_size: int = 32
     dense_learning_rate: float = 1e-3
+    train_size: int = 8000  # records (with images) for the Dynamic-LLaVA fine-tune
+    test_size: int = 1200
+    dynamic_steps: int = 400
     dynamic_learning_rate: float = 2e-4
     predictor_learning_rate: float = 2e-3
     image_keep_rate: float = 0.2
     text_keep_rate: float = 0.5
+    min_answer_tokens: int = 30  # long answers (descriptions, listings) have their generated tokens judged
     dynamic_max_grad_norm: float = 5.0
     eval_limit: int | None = None
 
 
-class _DenseCollator(LlavaCollator):
-    """The stock model takes no answer mask."""
+def _pools(model, processor, recipe: WorldRecipe) -> tuple[ScenePool, ScenePool]:
+    rng = np.random.default_rng([recipe.seed, 31])
+    train_scenes = [sample_scene(rng) for _ in range(recipe.pool_size)]
+    rng = np.random.default_rng([recipe.seed, 32])
+    held_out = [sample_scene(rng) for _ in range(recipe.held_out_size)]
+    return (ScenePool(train_scenes, encode_scenes(model, processor.image_processor, train_scenes)),
+            ScenePool(held_out, encode_scenes(model, processor.image_processor, held_out)))
 
-    def __call__(self, samples):
-        batch = super().__call__(samples)
-        batch.pop("answer_mask")
-        return batch
+
+def _vision_tower(dense, processor, recipe: WorldRecipe, work: Path) -> dict:
+    source = Path(recipe.vision_tower) if recipe.vision_tower else work / "vision_tower"
+    if (source / "model.safetensors").is_file():
+        dense.model.vision_tower.load_state_dict(load_file(source / "model.safetensors"))
+        return json.loads((source / "patch_accuracy.json").read_text())
+    report = pretrain_vision_tower(dense.model.vision_tower, processor.image_processor, recipe.vision_steps,
+                                   recipe.vision_batch_size, seed=recipe.seed)
+    staging = work / "vision_tower.partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file(dense.model.vision_tower.state_dict(), staging / "model.safetensors")
+    (staging / "patch_accuracy.json").write_text(json.dumps(report))
+    staging.rename(source)
+    return report
 
 
-def _dense_stage(model, processor, data: Path, images: Path, steps: int, lr: float, recipe: WorldRecipe, run: Path):
-    dataset = LlavaConversationDataset(data, images, processor, min_answer_tokens=50)
-    args = TrainingArguments(
-        output_dir=str(run), per_device_train_batch_size=recipe.batch_size, learning_rate=lr, max_steps=steps,
-        lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, logging_steps=50, save_strategy="no",
-        report_to=[], use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=recipe.seed,
-    )
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=_DenseCollator(0)).train()
+def _dense_stages(recipe: WorldRecipe) -> list[Stage]:
+    short = {kind: 1.0 for kind in QUESTION_TYPES}
+    targets = {kind: recipe.question_target for kind in QUESTION_TYPES}
+    return [
+        Stage("questions", short, recipe.question_steps, recipe.dense_learning_rate, recipe.batch_size,
+              targets=targets),
+        Stage("long answers", {**{k: 0.1 for k in QUESTION_TYPES}, "describe": 0.25, "list": 0.25},
+              recipe.long_steps, recipe.dense_learning_rate, recipe.batch_size,
+              targets={**targets, "describe": 0.99}, min_steps=300, decay_steps=recipe.long_decay_steps),
+    ]
+
+
+def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaForConditionalGeneration, dict]:
+    """Stages 0-2: the trained dense model and its record (tower accuracy, each stage's held-out history)."""
+    work = Path(recipe.work)
+    torch.manual_seed(recipe.seed)
+    dense = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer)))
+    record = {"vision_tower_patch_accuracy": _vision_tower(dense, processor, recipe, work), "stages": []}
+    log(f"vision tower patch accuracy: {record['vision_tower_patch_accuracy']}")
+    dense.model.vision_tower.requires_grad_(False)  # frozen from here on, as CLIP in LLaVA
+    pools = None
+    encoder = PromptEncoder(processor, dense.config.image_seq_length)
+    for index, stage in enumerate(_dense_stages(recipe)):
+        folder = work / f"dense-{index + 1}"
+        if (folder / "stage.json").is_file():  # done by an earlier run of this build
+            dense.load_state_dict(load_file(folder / "model.safetensors"))
+            record["stages"].append(json.loads((folder / "stage.json").read_text()))
+            continue
+        pools = pools or _pools(dense, processor, recipe)
+        result = train_stage(dense, encoder, *pools, stage, seed=recipe.seed, pad_id=processor.tokenizer.pad_token_id)
+        log(f"dense stage {stage.name!r}: {result['steps']} steps, {result['seconds']} s, targets met: "
+            f"{result['reached_targets']}")
+        staging = work / f"dense-{index + 1}.partial"
+        staging.mkdir(parents=True, exist_ok=True)
+        save_file(dense.state_dict(), staging / "model.safetensors")
+        (staging / "stage.json").write_text(json.dumps(result))
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+        record["stages"].append(result)
+    return dense, record
 
 
 def _save_fp16(model, processor, folder: Path) -> None:
+    """Write to a staging folder, then swap it in: a failed save leaves the previous checkpoint."""
+    staging = folder.with_name(folder.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.to(torch.float16).save_pretrained(staging)
+    processor.save_pretrained(staging)
+    model.to(torch.float32)
     if folder.exists():
         shutil.rmtree(folder)
-    model.to(torch.float16).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    model.to(torch.float32)
+    staging.rename(folder)
 
 
-def build_world(recipe: WorldRecipe) -> dict:
+def world_splits(root: Path, recipe: WorldRecipe) -> dict[str, Path]:
+    """The fine-tune's training records and the two test splits (the build's seed and a fresh one)."""
+    return {
+        "train": write_split(root, "train", recipe.train_size, seed=recipe.seed),
+        "test": write_split(root, "test", recipe.test_size, seed=recipe.seed),
+        "fresh": write_split(root / "fresh", "test", recipe.test_size, seed=recipe.seed + FRESH_SEED_OFFSET),
+    }
+
+
+def build_world(recipe: WorldRecipe, log=logger.info) -> dict:
     """Run every step; returns the evaluation report (also written to `output/world_report.json`)."""
     started = time.time()
     work, output = Path(recipe.work), Path(recipe.output)
-    data = work / "data"
-    splits = {split: write_split(data, split, size, describe_share=share, seed=recipe.seed)
-              for split, size, share in (("train", recipe.train_size, 0.3), ("test", recipe.test_size, 0.3))}
-    describe_only = write_split(data / "describe", "train", recipe.train_size // 4, describe_share=1.0,
-                                seed=recipe.seed)
     processor = build_processor()
-    torch.manual_seed(recipe.seed)
-    dense = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer)))
-    if recipe.vision_tower:
-        dense.model.vision_tower.load_state_dict(load_file(Path(recipe.vision_tower) / "model.safetensors"))
-        vision_report = json.loads((Path(recipe.vision_tower) / "patch_accuracy.json").read_text())
-    else:
-        vision_report = pretrain_vision_tower(dense.model.vision_tower, processor.image_processor,
-                                              recipe.vision_steps, recipe.vision_batch_size, seed=recipe.seed)
-        tower = work / "vision_tower"
-        tower.mkdir(parents=True, exist_ok=True)
-        save_file(dense.model.vision_tower.state_dict(), tower / "model.safetensors")
-        (tower / "patch_accuracy.json").write_text(json.dumps(vision_report))
-    logger.info("vision tower patch accuracy: %s", vision_report)
-    dense.model.vision_tower.requires_grad_(False)  # frozen from here on, as CLIP in LLaVA
-    _dense_stage(dense, processor, describe_only, data / "describe" / "images", recipe.describe_steps,
-                 recipe.dense_learning_rate, recipe, work / "dense-describe")
-    _dense_stage(dense, processor, splits["train"], data / "images", recipe.dense_steps,
-                 recipe.dense_learning_rate, recipe, work / "dense")
-    if recipe.question_steps > 0:
-        questions = write_split(data / "questions", "train", recipe.train_size, describe_share=0.1, seed=recipe.seed)
-        _dense_stage(dense, processor, questions, data / "questions" / "images", recipe.question_steps,
-                     recipe.dense_learning_rate, recipe, work / "dense-questions")
+    dense, record = train_dense(recipe, processor, log)
     dense_seconds = round(time.time() - started)
+    splits = world_splits(work / "data", recipe)
     report = finish_world(recipe, dense, processor, splits)
+    rng = np.random.default_rng([recipe.seed, 33])
+    scenes = [sample_scene(rng) for _ in range(2000)]
     report.update(dense_seconds=dense_seconds, train_seconds=dense_seconds + report["dynamic_seconds"],
-                  vision_tower_patch_accuracy=vision_report)
+                  random_keep_object_loss={str(r): random_keep_loss_rate(scenes, r) for r in (0.1, 0.2, 0.5)},
+                  **record)
+    output.mkdir(parents=True, exist_ok=True)
     (output / "world_report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -132,17 +184,17 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
     """From the trained dense model on: fine-tune Dynamic-LLaVA, save both in fp16, evaluate both."""
     started = time.time()
     work, output = Path(recipe.work), Path(recipe.output)
-    data = splits["train"].parent
     dense_dir = work / DENSE_DIR
     dense.save_pretrained(dense_dir)
     processor.save_pretrained(dense_dir)
     final = train(TrainingRecipe(
-        model=str(dense_dir), data=str(splits["train"]), images=str(data / "images"),
+        model=str(dense_dir), data=str(splits["train"]), images=str(splits["train"].parent / "images"),
         output_dir=str(work / "dynamic"), trainable="full", learning_rate=recipe.dynamic_learning_rate,
         predictor_learning_rate=recipe.predictor_learning_rate, max_steps=recipe.dynamic_steps,
-        batch_size=recipe.batch_size, save_steps=max(recipe.dynamic_steps // 3, 1), logging_steps=25,
-        seed=recipe.seed, resume=False, max_grad_norm=recipe.dynamic_max_grad_norm,
-        sparsity={"image_keep_rate": recipe.image_keep_rate, "text_keep_rate": recipe.text_keep_rate},
+        batch_size=recipe.batch_size, save_steps=max(recipe.dynamic_steps // 4, 1), logging_steps=25,
+        seed=recipe.seed, resume=True, max_grad_norm=recipe.dynamic_max_grad_norm,
+        sparsity={"image_keep_rate": recipe.image_keep_rate, "text_keep_rate": recipe.text_keep_rate,
+                  "min_answer_tokens": recipe.min_answer_tokens},
     ))
     _save_fp16(dense, processor, output / DENSE_DIR)  # a plain llava-hf checkpoint
     _save_fp16(DynamicLlavaForConditionalGeneration.from_pretrained(final), processor, output / DYNAMIC_DIR)
@@ -150,9 +202,12 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
     for name, dense_mode in ((DENSE_DIR, True), (DYNAMIC_DIR, False)):
         rates = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense_mode else {}
         model = DynamicLlavaForConditionalGeneration.from_pretrained(output / name, dtype=torch.float32, **rates)
-        report[name] = evaluate_world(model.eval(), processor, splits["test"], data / "images",
-                                      limit=recipe.eval_limit)
+        report[name] = {
+            split: evaluate_world(model.eval(), processor, splits[split], splits[split].parent / "images",
+                                  limit=recipe.eval_limit)
+            for split in ("test", "fresh")
+        }
     return report
 
 
-__all__ = ["WorldRecipe", "build_world", "finish_world", "DENSE_DIR", "DYNAMIC_DIR"]
+__all__ = ["WorldRecipe", "build_world", "finish_world", "train_dense", "world_splits", "DENSE_DIR", "DYNAMIC_DIR"]

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..costs import kv_bytes_per_token
 from ..evaluation import answer_questions, exact_match, first_turns
+from ..evaluation.world import listing_correct
 from ..modeling import DynamicLlavaForConditionalGeneration
 from .build import DENSE_DIR, DYNAMIC_DIR
 from .scenes import write_split
@@ -59,14 +60,15 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
         for name, model in (("dense", dense), ("Dynamic-LLaVA", dynamic)):
             started = time.time()
             runs[name] = answer_questions(model, processor, items, Path(tmp) / "images", batch_size=32,
-                                          max_new_tokens=72, progress=show)
+                                          max_new_tokens=90, progress=show)
             runs[name + " seconds"] = time.time() - started
     result = {"samples": samples, "accuracy": {}, "image_tokens_kept": {}, "generated_kept_share": {}, "kv_bytes": {}}
     for name in ("dense", "Dynamic-LLaVA"):
         answers = runs[name]
         by_type = defaultdict(list)
         for a in answers:
-            by_type[a["type"]].append(exact_match(a["prediction"], a["answer"]))
+            right = listing_correct if a["type"] == "list" else exact_match
+            by_type[a["type"]].append(right(a["prediction"], a["answer"]))
         result["accuracy"][name] = {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
         result["image_tokens_kept"][name] = sum(a["image_tokens_kept"] for a in answers) / len(answers)
         result["kv_bytes"][name] = sum(a["kv_tokens"] for a in answers) * bytes_per_token / len(answers)

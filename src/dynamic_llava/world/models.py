@@ -7,9 +7,9 @@ from transformers import LlavaConfig
 from .assets import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID
 
 
-def tiny_llava_config(vocab_size: int, image_size: int = 96, patch_size: int = 8, width: int = 192,
+def tiny_llava_config(vocab_size: int, image_size: int = 96, patch_size: int = 12, width: int = 192,
                       layers: int = 4) -> LlavaConfig:
-    """~2.5M parameters: (96 / 8)^2 = 144 image tokens, K = 2 leaves two sparse layers."""
+    """~2.5M parameters: (96 / 12)^2 = 64 image tokens, K = 2 leaves two sparse layers."""
     return LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model", hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,

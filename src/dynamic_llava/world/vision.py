@@ -1,10 +1,11 @@
 """Pre-training of the world's vision tower, the role CLIP plays for LLaVA-1.5.
 
 LLaVA starts from a vision encoder trained elsewhere and keeps it frozen. The world has no CLIP, so its
-tower learns first, on its own, to say what each image patch belongs to: every patch is labelled with
-the shape, colour and size of the object in its grid cell (or "none"), and three linear heads read the
-features LLaVA takes (the last layer's hidden states, CLS dropped). Scenes are drawn fresh for every
-batch, so the tower never sees the same picture twice.
+tower learns first, on its own, to say what each image patch shows: a patch that an object covers (at
+least `COVERED` of it) is labelled with that object's shape, colour, size and grid cell, any other patch
+"none", and four linear heads read the features LLaVA takes (the last layer's hidden states, CLS
+dropped). So each of an object's few patches tells the whole object, and keeping any one of them keeps
+the object. Scenes are drawn fresh for every batch, so the tower never sees the same picture twice.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .scenes import COLORS, GRID, SHAPES, SIZES, render, sample_scene
+from .scenes import CELLS, COLORS, COVERED, SHAPES, SIZES, coverage, render, sample_scene
 
-HEADS = {"shape": ("none", *SHAPES), "color": ("none", *COLORS), "size": ("none", *SIZES)}
+HEADS = {"shape": ("none", *SHAPES), "color": ("none", *COLORS), "size": ("none", *SIZES), "cell": ("none", *CELLS)}
 
 
-def patch_labels(scene, patches_per_side: int) -> dict[str, torch.Tensor]:
-    """attribute -> long [patches]: the attribute of the object in each patch's cell (0: no object)."""
+def patch_labels(scene, patches_per_side: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """attribute -> long [patches]: the attribute of the object that covers each patch most, if it covers at
+    least `COVERED` of it (0: no object)."""
     labels = {name: torch.zeros(patches_per_side**2, dtype=torch.long) for name in HEADS}
-    per_cell = patches_per_side / GRID
-    for index in range(patches_per_side**2):
-        row, col = divmod(index, patches_per_side)
-        obj = scene.at(int(row // per_cell) * GRID + int(col // per_cell))
-        if obj is not None:
-            for name, value in (("shape", obj.shape), ("color", obj.color), ("size", obj.size)):
-                labels[name][index] = HEADS[name].index(value)
+    if not scene.objects:
+        return labels
+    shares = coverage(scene, patches_per_side * patch_size, patch_size)
+    best = shares.argmax(axis=0)
+    for index in np.flatnonzero(shares.max(axis=0) >= COVERED):
+        obj = scene.objects[best[index]]
+        for name, value in (("shape", obj.shape), ("color", obj.color), ("size", obj.size), ("cell", CELLS[obj.cell])):
+            labels[name][index] = HEADS[name].index(value)
     return labels
 
 
@@ -38,7 +41,7 @@ def scene_batch(rng: np.random.Generator, image_processor, size: int, image_size
     """Fresh scenes: pixel_values [size, 3, H, W] and attribute -> labels [size, patches]."""
     scenes = [sample_scene(rng) for _ in range(size)]
     pixels = image_processor([render(s, image_size) for s in scenes], return_tensors="pt")["pixel_values"]
-    labels = [patch_labels(s, patches_per_side) for s in scenes]
+    labels = [patch_labels(s, patches_per_side, image_size // patches_per_side) for s in scenes]
     return pixels, {name: torch.stack([lab[name] for lab in labels]) for name in HEADS}
 
 
