@@ -93,25 +93,30 @@ def world_checkpoint(tmp_path_factory):
 
 def test_accuracy_sweep_holds_the_budgets(world_checkpoint, tmp_path):
     settings = AccuracySettings(checkpoint=str(world_checkpoint), image_rates=(0.2,), text_rates=(0.5,),
-                                questions=12, calibration=6, batch_size=8)
+                                questions=30, calibration=6, batch_size=8, seed=3)
     report = run_accuracy(settings, log=lambda _: None)
     methods = [(p["method"], p["image_keep_rate"]) for p in report["image_sweep"]]
-    assert methods == [("dense", 1.0), ("dynamic-llava", 0.2), ("fastv", 0.2), ("random", 0.2)]
+    assert methods == [("dense", 1.0), *((m, 0.2) for m in ("dynamic-llava", "fastv", "cdpruner", "dart", "random"))]
+    assert sum(report["questions_per_type"].values()) == report["short_questions"]
     dense, *pruned = report["image_sweep"]
-    assert dense["image_tokens_kept"] == 144
+    assert dense["image_tokens_kept"] == 64
     for point in pruned:
-        assert point["image_tokens_kept"] == int(0.2 * 144)
+        assert point["image_tokens_kept"] == int(0.2 * 64)
         assert 0.0 <= point["accuracy_all"] <= 1.0 and point["describe_ppl"] > 1.0
-    learned, fastv, random = pruned
-    assert fastv["prefill_flops"] == random["prefill_flops"] < dense["prefill_flops"]
+    learned, fastv, cdpruner, dart, random = pruned
+    assert fastv["prefill_flops"] == random["prefill_flops"] == cdpruner["prefill_flops"] == dart["prefill_flops"]
+    assert random["prefill_flops"] < dense["prefill_flops"]
     config = DynamicLlavaConfig.from_pretrained(world_checkpoint)
-    assert learned["prefill_flops"] == fastv["prefill_flops"] + costs.image_predictor_flops(config, 144)
+    assert learned["prefill_flops"] == fastv["prefill_flops"] + costs.image_predictor_flops(config, 64)
     text = {p["method"]: p for p in report["text_sweep"]}
-    assert set(text) == {"dynamic-llava", "random", "streamingllm", "h2o"}
-    # the output-text threshold was set on other descriptions, so the share only approximates the rate
+    assert set(text) == {"dense", "dynamic-llava", "random", "streamingllm", "h2o", "none kept"}
+    # the output-text threshold was set on other listings, so the share only approximates the rate
     assert 0.2 < text["dynamic-llava"]["held_share_at_end"] < 0.8
     for name in ("streamingllm", "h2o"):
         assert text[name]["held_share_at_end"] < 1.0
+    assert text["dense"]["held_share_at_end"] == 1.0 and text["none kept"]["held_share_at_end"] == 0.0
+    for point in text.values():
+        assert point["list_ppl"] > 1.0 and point["list_backwards_ppl"] > 1.0
     path = accuracy_vs_flops(report, tmp_path / "acc.png")
     assert path.stat().st_size > 0
 
@@ -124,16 +129,3 @@ def test_bench_commands_refuse_a_missing_checkpoint(tmp_path):
     assert result.exit_code == 2 and "make world" in result.output
     result = runner.invoke(app, ["bench", "--batches", "0", "--models", "wide"])
     assert result.exit_code == 2 and "--batches" in result.output
-
-
-def test_patch_labels_follow_the_grid():
-    from dynamic_llava.world.scenes import Scene, SceneObject
-    from dynamic_llava.world.vision import HEADS, patch_labels
-
-    scene = Scene((SceneObject("circle", "red", "large", 4),), background=100, noise_seed=0)
-    labels = patch_labels(scene, 12)
-    shape = labels["shape"].view(12, 12)
-    assert (shape[4:8, 4:8] == HEADS["shape"].index("circle")).all()
-    assert int((shape > 0).sum()) == 16
-    assert int(labels["color"].view(12, 12)[5, 5]) == HEADS["color"].index("red")
-    assert np.all(labels["size"].numpy()[shape.flatten().numpy() == 0] == 0)
