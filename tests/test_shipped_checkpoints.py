@@ -18,7 +18,7 @@ from dynamic_llava import DynamicLlavaForConditionalGeneration
 from dynamic_llava.evaluation import answer_questions, exact_match, first_turns
 from dynamic_llava.world.build import DENSE_DIR, DYNAMIC_DIR
 from dynamic_llava.world.demo import load_pair
-from dynamic_llava.world.scenes import write_split
+from dynamic_llava.world.scenes import QUESTION_TYPES, write_split
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -41,7 +41,8 @@ def test_checkpoints_are_llava_hf_directories():
 @pytest.fixture(scope="module")
 def slice_accuracy(tmp_path_factory):
     root = tmp_path_factory.mktemp("slice")
-    items = first_turns(json.loads(write_split(root, "test", 120, describe_share=0.0, seed=11).read_text()))
+    mix = {kind: 1.0 for kind in QUESTION_TYPES}
+    items = first_turns(json.loads(write_split(root, "test", 150, mix=mix, seed=11).read_text()))
     dense, dynamic, processor = load_pair(CHECKPOINTS)
     accuracy = {}
     for name, model in (("dense", dense), ("dynamic", dynamic)):
@@ -50,7 +51,7 @@ def slice_accuracy(tmp_path_factory):
         for a in answers:
             by_type[a["type"]].append(exact_match(a["prediction"], a["answer"]))
             if name == "dynamic":
-                assert a["image_tokens_kept"] == int(0.2 * 144)
+                assert a["image_tokens_kept"] == int(0.2 * 64)
         accuracy[name] = {t: sum(v) / len(v) for t, v in by_type.items()}
         accuracy[name]["all"] = sum(sum(v) for v in by_type.values()) / len(answers)
     return accuracy

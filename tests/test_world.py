@@ -237,3 +237,12 @@ def test_world_demo_runs_on_saved_checkpoints(tmp_path):
     result = run_world_demo(tmp_path, samples=6, show=False)
     assert result["image_tokens_kept"] == {"dense": 64, "Dynamic-LLaVA": int(0.2 * 64)}
     assert result["kv_bytes"]["Dynamic-LLaVA"] < result["kv_bytes"]["dense"]
+
+
+def test_a_listing_order_is_not_in_the_image_or_the_prompt():
+    """The order is a uniform permutation drawn per answer: without the first part, nothing (image, prompt,
+    any model) tells the second part beyond chance (1 / n!)."""
+    scene = sample_scene(np.random.default_rng(6), min_objects=3, max_objects=3)
+    rng = np.random.default_rng(7)
+    orders = Counter(listing(scene, rng).split("backwards :")[1] for _ in range(600))
+    assert len(orders) == 6 and all(60 <= n <= 140 for n in orders.values()), orders
