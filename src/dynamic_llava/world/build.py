@@ -60,6 +60,8 @@ class WorldRecipe:
     long_decay_steps: int = 300
     batch_size: int = 32
     dense_learning_rate: float = 1e-3
+    dense_weight_decay: float = 0.0
+    decoder_heads: int = 4
     train_size: int = 8000  # records (with images) for the Dynamic-LLaVA fine-tune
     test_size: int = 1200
     dynamic_steps: int = 400
@@ -101,9 +103,9 @@ def _dense_stages(recipe: WorldRecipe) -> list[Stage]:
     targets = {kind: recipe.question_target for kind in QUESTION_TYPES}
     return [
         Stage("questions", short, recipe.question_steps, recipe.dense_learning_rate, recipe.batch_size,
-              targets=targets),
+              recipe.dense_weight_decay, targets=targets),
         Stage("long answers", {**{k: 0.1 for k in QUESTION_TYPES}, "describe": 0.25, "list": 0.25},
-              recipe.long_steps, recipe.dense_learning_rate, recipe.batch_size,
+              recipe.long_steps, recipe.dense_learning_rate, recipe.batch_size, recipe.dense_weight_decay,
               targets={**targets, "describe": 0.99}, min_steps=300, decay_steps=recipe.long_decay_steps),
     ]
 
@@ -112,7 +114,7 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
     """Stages 0-2: the trained dense model and its record (tower accuracy, each stage's held-out history)."""
     work = Path(recipe.work)
     torch.manual_seed(recipe.seed)
-    dense = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer)))
+    dense = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), heads=recipe.decoder_heads))
     record = {"vision_tower_patch_accuracy": _vision_tower(dense, processor, recipe, work), "stages": []}
     log(f"vision tower patch accuracy: {record['vision_tower_patch_accuracy']}")
     dense.model.vision_tower.requires_grad_(False)  # frozen from here on, as CLIP in LLaVA

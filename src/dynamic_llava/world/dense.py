@@ -86,6 +86,7 @@ class Stage:
     max_steps: int
     learning_rate: float = 1e-3
     batch_size: int = 32
+    weight_decay: float = 0.0
     targets: dict[str, float] = field(default_factory=dict)  # type -> held-out score that ends the stage
     eval_every: int = 100
     min_steps: int = 0
@@ -157,7 +158,7 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
                 progress: bool = True, pad_id: int = 0) -> dict:
     """Train the projector and the decoder (the tower stays frozen) for one stage; returns its record."""
     params = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
-    optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.0, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
     kinds = [k for k, share in stage.mix.items() if share > 0]
     shares = np.array([stage.mix[k] for k in kinds], dtype=float)
     rng = np.random.default_rng([seed, len(stage.name), 7])

@@ -8,7 +8,7 @@ from .assets import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID
 
 
 def tiny_llava_config(vocab_size: int, image_size: int = 96, patch_size: int = 12, width: int = 192,
-                      layers: int = 4) -> LlavaConfig:
+                      layers: int = 4, heads: int = 4) -> LlavaConfig:
     """~2.5M parameters: (96 / 12)^2 = 64 image tokens, K = 2 leaves two sparse layers."""
     return LlavaConfig(
         vision_config=dict(
@@ -17,7 +17,7 @@ def tiny_llava_config(vocab_size: int, image_size: int = 96, patch_size: int = 1
         ),
         text_config=dict(
             model_type="llama", hidden_size=width, intermediate_size=int(2.75 * width) // 16 * 16,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab_size,
             max_position_embeddings=2048, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
             tie_word_embeddings=False,
         ),
