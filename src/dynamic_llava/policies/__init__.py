@@ -4,7 +4,7 @@ The engine that applies a policy (gather, cache, masks) is `modeling.py`; see `b
 questions a policy answers.
 """
 
-from .base import PolicyContext, TextSlots, TokenPolicy, layer_keys, query_attention
+from .base import PolicyContext, TextSlots, TokenPolicy, check_policy, layer_keys, query_attention
 from .fastv import FastVPolicy
 from .h2o import H2OPolicy
 from .learned import LearnedPolicy
@@ -20,6 +20,7 @@ __all__ = [
     "StreamingLLMPolicy",
     "TextSlots",
     "TokenPolicy",
+    "check_policy",
     "layer_keys",
     "query_attention",
 ]

@@ -24,6 +24,8 @@ from typing import ClassVar
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from ..validation import check_rate
+
 
 @dataclass
 class PolicyContext:
@@ -97,6 +99,25 @@ class TokenPolicy:
         return None
 
 
+def check_policy(policy) -> None:
+    """Raise `TypeError` unless ``policy`` is None or a `TokenPolicy` instance (not a name, not a class)."""
+    if policy is None or isinstance(policy, TokenPolicy):
+        return
+    if isinstance(policy, type) and issubclass(policy, TokenPolicy):
+        raise TypeError(f"sparsity_policy={policy.__name__}: expected an instance; pass {policy.__name__}().")
+    raise TypeError(
+        f"sparsity_policy={policy!r}: expected a TokenPolicy instance (LearnedPolicy(), FastVPolicy(), "
+        "RandomPolicy(...), StreamingLLMPolicy(...), H2OPolicy(...)), not a "
+        f"{type(policy).__name__}."
+    )
+
+
+def check_optional_rate(name: str, value) -> None:
+    """A policy's keep rate: None (the model config's) or a finite number in (0, 1]."""
+    if value is not None:
+        check_rate(name, value, "None uses the model config's rate")
+
+
 def layer_keys(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
     """Keys of a Llama decoder `layer` for the hidden states entering it: [B, kv_heads, N, head_dim], after RoPE."""
     attn = layer.self_attn
@@ -126,4 +147,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return apply_rotary_pos_emb(x, x[:, :0], cos, sin)[0]
 
 
-__all__ = ["PolicyContext", "TextSlots", "TokenPolicy", "layer_keys", "query_attention"]
+__all__ = [
+    "PolicyContext",
+    "TextSlots",
+    "TokenPolicy",
+    "check_optional_rate",
+    "check_policy",
+    "layer_keys",
+    "query_attention",
+]

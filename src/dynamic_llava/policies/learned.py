@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..predictors import KEEP, keep_log_prob
-from .base import TokenPolicy
+from .base import TokenPolicy, check_optional_rate
 
 
 @dataclass
@@ -24,6 +24,9 @@ class LearnedPolicy(TokenPolicy):
     """
 
     image_keep_rate: float | None = None
+
+    def __post_init__(self):
+        check_optional_rate("image_keep_rate", self.image_keep_rate)
 
     def image_scores(self, model, hidden, positions, context):
         if model.image_predictor is None:

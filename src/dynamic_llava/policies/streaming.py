@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..validation import check_integer
 from .base import TokenPolicy
 
 
@@ -27,8 +28,7 @@ class StreamingLLMPolicy(TokenPolicy):
     evicts_text = True
 
     def __post_init__(self):
-        if self.window < 1:
-            raise ValueError(f"window={self.window} must be >= 1 (the newest token always sees itself).")
+        check_integer("window", self.window, 1, hint="the newest token always sees itself")
 
     def text_evict(self, model, slots):
         return slots.ages >= self.window
