@@ -30,12 +30,12 @@ def check_number(
     name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False, hint: str = ""
 ) -> float:
     """``value`` is a finite real number (not a bool or a string) in [low, high], or (low, high] with ``low_open``."""
-    bounds = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]" if high is not None else ""
-    if high is None:
-        sign = ">" if low_open else ">="
-        allowed = f"a finite number {sign} {low:g}" if low is not None else "a finite number"
+    if low is not None and high is not None:
+        allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
     else:
-        allowed = f"a number in {bounds}"
+        allowed = "a finite number" + (f" <= {high:g}" if high is not None else "")
     if isinstance(value, bool) or not isinstance(value, Real):
         raise invalid(name, value, allowed, hint, TypeError)
     if not math.isfinite(value):
