@@ -90,7 +90,7 @@ class DynamicLlavaConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        for name in ("predictor_heads", "predictor_dim"):  # the derived widths divide by these
+        for name in ("predictor_heads", "predictor_dim", "predictor_head_dims", "text_predictor_dims"):  # read below
             if getattr(self, name) is not None:
                 check_setting(name, getattr(self, name), self.text_config.num_hidden_layers)
         self._fill_predictor_widths()
