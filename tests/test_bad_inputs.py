@@ -20,6 +20,7 @@ from training_setup import recipe_for, write_world
 from typer.testing import CliRunner
 
 from dynamic_llava import (
+    DynamicLlavaCache,
     DynamicLlavaConfig,
     DynamicLlavaForConditionalGeneration,
     FastVPolicy,
@@ -160,6 +161,22 @@ API_CASES = [
     ("max_new_tokens past context", generate_with(max_new_tokens=600), ValueError,
      r"max_new_tokens=600 after a prompt of 23 tokens .* context is 512.*at most 490 new tokens"),
     ("forward policy string", lambda env: env.model(**env.inputs, sparsity_policy="fastv"), TypeError, r"sparsity_policy='fastv'"),
+    ("out-of-vocabulary id", lambda env: env.model.generate(
+        input_ids=torch.cat([env.inputs["input_ids"][:, :-1], torch.tensor([[999]])], 1),
+        attention_mask=env.inputs["attention_mask"], pixel_values=env.inputs["pixel_values"], max_new_tokens=2),
+     ValueError, r"input_ids hold token ids from 3 to 999, but the vocabulary has 64"),
+    ("mask shorter than ids", lambda env: env.model.generate(
+        input_ids=env.inputs["input_ids"], attention_mask=env.inputs["attention_mask"][:, 1:],
+        pixel_values=env.inputs["pixel_values"], max_new_tokens=2),
+     ValueError, r"attention_mask has shape \[1, 22\] but input_ids \[1, 23\]"),
+    ("forward mask shorter", lambda env: env.model(
+        input_ids=env.inputs["input_ids"], attention_mask=env.inputs["attention_mask"][:, 1:],
+        pixel_values=env.inputs["pixel_values"]), ValueError, r"attention_mask covers 22 tokens but there are 23"),
+    ("misspelt setting", config_with(image_keep_rat=0.1), ValueError,
+     r"image_keep_rat: not a Dynamic-LLaVA setting; did you mean image_keep_rate\?"),
+    ("misspelt override", load_with(sparse_layers=3), ValueError, r"sparse_layers: .*did you mean sparse_layer\?"),
+    ("cache sparse layer", lambda env: DynamicLlavaCache(4, 4), ValueError, r"sparse_layer=4: expected an integer in \[1, 3\]"),
+    ("cache layers float", lambda env: DynamicLlavaCache(4.0, 2), TypeError, r"num_layers=4.0: expected an integer"),
     # ---- policies
     ("random image rate 1.5", lambda env: RandomPolicy(image_keep_rate=1.5), ValueError, rf"image_keep_rate=1.5: {RATE}"),
     ("random image rate nan", lambda env: RandomPolicy(image_keep_rate=NAN), ValueError, rf"image_keep_rate=nan: {RATE}"),

@@ -61,6 +61,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world):
     assert all(bool(torch.isfinite(p).all()) for p in good.parameters())
 
 
+def test_non_finite_gradient_stops_before_the_optimizer_step(world):
+    class NanGradient(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.image_predictor.proj[0].weight.register_hook(lambda grad: grad * float("nan"))
+
+    recipe = recipe_for(world, "nan-grad", trainable="predictors", max_steps=2)
+    with pytest.raises(NonFiniteError, match="step 1: a gradient is NaN or infinite; no checkpoint was written yet"):
+        train(recipe, callbacks=[NanGradient()])
+    assert not (world / "nan-grad" / "final").exists()
+
+
 @pytest.mark.parametrize("after_save, kept, message", [
     (False, [], "no checkpoint is saved; no checkpoint was written yet"),  # the end-of-run checkpoint is refused
     (True, ["checkpoint-2"], "The trained model has NaN or infinite values in 1 tensors"),  # then final/ is

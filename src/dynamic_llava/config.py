@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
@@ -44,6 +46,16 @@ def check_setting(name: str, value, num_layers: int) -> None:
             check_integer_list(name, value, 1)
     elif name == "budget_weight":
         check_number(name, value, 0.0)
+
+
+def refuse_misspelt_settings(names) -> None:
+    """Raise `ValueError` for a keyword that is not a sparsity setting but nearly spells one (``image_keep_rat``):
+    the config would keep it as an unused attribute and the setting meant would silently stay at its default."""
+    for name in names:
+        if name not in SPARSITY_FIELDS:
+            close = difflib.get_close_matches(name, SPARSITY_FIELDS, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(f"{name}: not a Dynamic-LLaVA setting; did you mean {close[0]}?")
 
 
 @strict
@@ -89,6 +101,7 @@ class DynamicLlavaConfig(LlavaConfig):
     min_answer_tokens: int = 50
 
     def __post_init__(self, **kwargs):
+        refuse_misspelt_settings(kwargs)
         super().__post_init__(**kwargs)
         for name in ("predictor_heads", "predictor_dim", "predictor_head_dims", "text_predictor_dims"):  # read below
             if getattr(self, name) is not None:

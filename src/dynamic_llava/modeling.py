@@ -50,7 +50,7 @@ from .checkpoints import (
     predictor_mismatches,
     stored_predictor_shapes,
 )
-from .config import SPARSITY_FIELDS, DynamicLlavaConfig
+from .config import SPARSITY_FIELDS, DynamicLlavaConfig, refuse_misspelt_settings
 from .policies import (
     LearnedPolicy,
     PolicyContext,
@@ -509,6 +509,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         Sparsity settings may be overridden as keyword arguments (e.g. ``image_keep_rate=0.3``).
         """
+        refuse_misspelt_settings(kwargs)
         check_checkpoint_folder(pretrained_model_name_or_path)
         shapes = checkpoint_tensor_shapes(pretrained_model_name_or_path)
         try:
@@ -619,7 +620,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
             past_key_values = None  # an empty default cache: replace it with ours
         image_token_mask, per_image = self._check_inputs(
-            input_ids, pixel_values, kwargs, past_key_values, output_text_start
+            input_ids, pixel_values, kwargs, past_key_values, output_text_start, attention_mask
         )
         record = ForwardRecord()
         outputs = self.model(
@@ -656,7 +657,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self, input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
         keep_override, num_items_in_batch, kwargs,
     ) -> "DynamicLlavaOutput":
-        image_token_mask, per_image = self._check_inputs(input_ids, pixel_values, kwargs, None, None)
+        image_token_mask, per_image = self._check_inputs(input_ids, pixel_values, kwargs, None, None, attention_mask)
         record = ForwardRecord()
         outputs = self.model(
             input_ids=input_ids,
@@ -688,7 +689,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             text_keep_ratio=_only_where(record.text_keep_mean, record.text_tokens),
         )
 
-    def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start):
+    def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start, attention_mask=None):
         """Validate before any compute; return the prompt's image-token mask and tokens per image.
 
         Generated tokens are text even if they carry the image token's id (as in the stock model).
@@ -698,7 +699,21 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if pixel_values is not None:
                 raise ValueError("Dynamic-LLaVA needs input_ids with images (it finds image tokens by id).")
             return None, None
+        vocab = self.config.text_config.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(
+                f"input_ids hold token ids from {int(ids.min())} to {int(ids.max())}, but the vocabulary has {vocab} "
+                "(ids 0 .. vocab_size - 1): encode the prompt with this model's processor."
+            )
+        mask = attention_mask
+        if mask is not None and mask.shape[0] != ids.shape[0]:
+            raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids has {ids.shape[0]}.")
         past = cache.get_seq_length(0) if cache is not None else 0
+        if mask is not None and mask.shape[1] != past + ids.shape[1]:
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} tokens but there are {past + ids.shape[1]} ({past} cached + "
+                f"{ids.shape[1]} new): pass the mask the processor made for these input_ids."
+            )
         limit = self.config.text_config.max_position_embeddings
         if past + ids.shape[1] > limit:
             raise ValueError(
@@ -765,6 +780,12 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if stats is not None and not isinstance(stats, SparsityStats):
             raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(stats).__name__}.")
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        if prompt is not None and mask is not None and mask.shape != prompt.shape:
+            raise ValueError(
+                f"attention_mask has shape {list(mask.shape)} but input_ids {list(prompt.shape)}: pass the mask the "
+                "processor made for these input_ids."
+            )
         if prompt is not None and kwargs.get("output_text_start") is None:
             kwargs["output_text_start"] = prompt.shape[1]
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
