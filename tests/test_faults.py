@@ -187,3 +187,22 @@ def test_final_model_folder_is_readable_by_others(world):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(final).st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_train_command_refuses_another_run_in_one_line_and_restarts_on_request(world):
+    from typer.testing import CliRunner
+
+    from dynamic_llava.cli import app
+
+    args = ["train", str(world / "model"), str(world / "data.json"), str(world / "images"), str(world / "cli-run"),
+            "--trainable", "predictors", "--max-steps", "1", "--batch-size", "2", "--min-answer-tokens", "10"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "Trained model saved" in again.output  # finished: nothing to do
+    other = CliRunner().invoke(app, [*args, "--image-keep-rate", "0.5"])
+    lines = [line for line in other.output.splitlines() if line.strip()]
+    assert other.exit_code == 2 and len(lines) == 1, other.output
+    assert "belongs to another run (settings.sparsity.image_keep_rate: unset there, 0.5 now)" in lines[0]
+    restarted = CliRunner().invoke(app, [*args, "--image-keep-rate", "0.5", "--restart"])
+    assert restarted.exit_code == 0, restarted.output
+    assert (world / "cli-run" / "previous" / "final" / "run.json").is_file()

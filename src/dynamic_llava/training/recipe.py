@@ -6,6 +6,7 @@ the distributed environment). A run whose output folder holds checkpoints resume
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -183,6 +184,13 @@ RUN_SETTINGS = (
 
 
 def _sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (remembered while the file keeps its size and modification time)."""
+    stat = os.stat(path)
+    return _sha256_of(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

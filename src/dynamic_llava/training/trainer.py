@@ -110,11 +110,13 @@ class DynamicLlavaTrainer(Trainer):
                 self._stop("a gradient is NaN or infinite")
         return loss
 
-    def _stop(self, what: str) -> None:
+    def _stop(self, what: str, step: int | None = None) -> None:
+        """Raise NonFiniteError for optimizer step ``step`` (default: the one being computed)."""
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        step = self.state.global_step + 1 if step is None else step
         raise NonFiniteError(
-            f"Training stopped at step {self.state.global_step + 1}: {what}; {kept}. Lower the learning rates "
+            f"Training stopped at step {step}: {what}; {kept}. Lower the learning rates "
             "(--learning-rate, --predictor-learning-rate) or --budget-weight, or enable --max-grad-norm."
         )
 
@@ -180,7 +182,7 @@ class DynamicLlavaTrainer(Trainer):
         ruined = non_finite_tensors(self.accelerator.unwrap_model(self.model))
         if ruined:
             self._stop(f"{len(ruined)} weight tensors hold NaN or infinite values (first: {ruined[0]}), so no "
-                       "checkpoint is saved")
+                       "checkpoint is saved", step=self.state.global_step)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
