@@ -312,6 +312,12 @@ def costs_command(
     from . import DynamicLlavaConfig
     from .costs import estimate
 
+    from .checkpoints import check_checkpoint_folder
+
+    try:
+        check_checkpoint_folder(model)  # a file (config.json itself), or a folder without config.json
+    except OSError as err:
+        _fail(str(err))
     if not (Path(model) / "config.json").is_file():
         _fail(f"No config.json in {model}: pass a llava-hf or Dynamic-LLaVA checkpoint folder.")
     for rate, option in ((image_keep_rate, "--image-keep-rate"), (text_keep_rate, "--text-keep-rate")):

@@ -63,6 +63,7 @@ from .policies import (
 from .losses import budget_loss
 from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
 from .stats import ForwardRecord, SparsityStats
+from .validation import check_number
 
 logger = logging.get_logger(__name__)
 
@@ -613,6 +614,12 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 "the sparse layers build their own masks from it."
             )
         if labels is not None:
+            if input_ids is not None and labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one label per input "
+                    "token (-100 where no loss is taken), as LlavaConversationDataset makes them."
+                )
+            check_number("gumbel_tau", gumbel_tau, 0.0, low_open=True, hint="the Gumbel-Softmax temperature")
             return self._masked_training_forward(
                 input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
                 keep_override, num_items_in_batch, kwargs,
@@ -699,6 +706,8 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if pixel_values is not None:
                 raise ValueError("Dynamic-LLaVA needs input_ids with images (it finds image tokens by id).")
             return None, None
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got a {ids.dtype} tensor.")
         vocab = self.config.text_config.vocab_size
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(
@@ -775,7 +784,13 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         Pass `sparsity_stats=SparsityStats()` to read what was kept; assisted decoding is refused.
         """
         self.config.check_sparsity()
-        check_policy(kwargs.get("sparsity_policy"))
+        policy = kwargs.get("sparsity_policy")
+        check_policy(policy)
+        if policy is not None and policy.needs_attention and kwargs.get("use_cache") is False:
+            raise ValueError(
+                f"{type(policy).__name__} ranks tokens by the attention accumulated in the KV cache: generate with "
+                "use_cache=True."
+            )
         stats = kwargs.get("sparsity_stats")
         if stats is not None and not isinstance(stats, SparsityStats):
             raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(stats).__name__}.")

@@ -87,11 +87,18 @@ class LlavaConversationDataset(Dataset):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if not getattr(processor.tokenizer, "is_fast", False):
             raise ValueError("LlavaConversationDataset needs a fast tokenizer (it maps labels through token offsets).")
+        source = "the records given"
         if isinstance(json_path_or_records, (str, os.PathLike)):
-            with open(json_path_or_records, encoding="utf-8") as f:
-                json_path_or_records = json.load(f)
+            source = str(json_path_or_records)
+            try:
+                with open(json_path_or_records, encoding="utf-8") as f:
+                    json_path_or_records = json.load(f)
+            except ValueError as error:  # invalid JSON or not UTF-8
+                raise ValueError(f"{source} is not a JSON file of LLaVA records: {error}") from error
         if not isinstance(json_path_or_records, list):
-            raise ValueError(f"expected a list of records, got {type(json_path_or_records).__name__}")
+            raise ValueError(
+                f"{source}: expected a list of records, got {type(json_path_or_records).__name__}"
+            )
         self.image_folder = Path(image_folder)
         self.processor = processor
         self.min_answer_tokens = min_answer_tokens

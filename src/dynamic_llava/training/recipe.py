@@ -130,6 +130,8 @@ class TrainingRecipe:
         unknown = sorted(set(self.sparsity) - set(SPARSITY_FIELDS))
         if unknown:
             raise ValueError(f"sparsity has unknown settings {unknown}: choose from {list(SPARSITY_FIELDS)}.")
+        if self.trainable == "lora" and importlib.util.find_spec("peft") is None:
+            raise ValueError("trainable='lora' needs the peft package: pip install peft.")
         self._check_deepspeed()
         self._check_output_dir()
         config = DynamicLlavaConfig.from_pretrained(self.model, **self.sparsity)  # checks the overrides
