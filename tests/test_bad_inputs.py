@@ -152,6 +152,10 @@ API_CASES = [
     ("assign sparse_layer huge", assign("sparse_layer", 10**12), ValueError, r"sparse_layer=1000000000000"),
     ("assign sparse_layer float", assign("sparse_layer", 1.0), TypeError, r"sparse_layer=1.0: expected an integer"),
     ("assign budget inf", assign("budget_weight", math.inf), ValueError, r"budget_weight=inf"),
+    ("assign width under a model", assign("predictor_heads", 4), ValueError,
+     r"predictor_heads=4: fixed at 2 once a model is built from this config"),
+    ("assign predictor switch under a model", assign("use_text_predictor", False), ValueError,
+     r"use_text_predictor=False: fixed at True once a model is built"),
     ("assign use_text string", assign("use_text_predictor", "no"), TypeError, r"use_text_predictor='no'"),
     # ---- generate / forward arguments
     ("policy as string", generate_with(sparsity_policy="random"), TypeError,
@@ -359,7 +363,10 @@ def test_refused_assignment_keeps_the_old_value():
     with pytest.raises(ValueError):
         model.config.sparse_layer = 10**12
     assert model.config.sparse_layer == 2
-    assert "_sparsity_ready" not in model.config.to_dict()
+    assert "_sparsity_ready" not in model.config.to_dict() and "_structure_fixed" not in model.config.to_dict()
+    config = DynamicLlavaConfig(**tiny_config_kwargs())
+    config.use_text_predictor = False  # before any model is built from it, structure may still change
+    assert DynamicLlavaForConditionalGeneration(config).text_predictor is None
 
 
 def test_generated_image_token_ids_are_text_with_and_without_cache(env):

@@ -25,6 +25,18 @@ SPARSITY_FIELDS = (
     "min_answer_tokens",
 )
 
+# Settings that shape the predictor modules: changing them under a built model would not change the model.
+STRUCTURE_FIELDS = (
+    "use_image_predictor",
+    "use_text_predictor",
+    "predictor_dim",
+    "predictor_heads",
+    "predictor_mlp_dim",
+    "predictor_blocks",
+    "predictor_head_dims",
+    "text_predictor_dims",
+)
+
 
 def check_setting(name: str, value, num_layers: int) -> None:
     """Raise `TypeError` / `ValueError` when sparsity setting ``name`` cannot take ``value`` (``num_layers``: L)."""
@@ -129,6 +141,11 @@ class DynamicLlavaConfig(LlavaConfig):
         """Check a sparsity setting assigned after construction (``model.config.image_keep_rate = ...``)."""
         if name in SPARSITY_FIELDS and self.__dict__.get("_sparsity_ready"):
             check_setting(name, value, self.text_config.num_hidden_layers)
+            if name in STRUCTURE_FIELDS and self.__dict__.get("_structure_fixed") and value != getattr(self, name):
+                raise ValueError(
+                    f"{name}={value!r}: fixed at {getattr(self, name)!r} once a model is built from this config (its "
+                    f"predictors exist already); load with from_pretrained(path, {name}=...) or build a new model."
+                )
         super().__setattr__(name, value)
 
     def check_sparsity(self) -> None:
@@ -159,7 +176,8 @@ class DynamicLlavaConfig(LlavaConfig):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        out.pop("_sparsity_ready", None)  # internal: whether assignments are checked yet
+        for flag in ("_sparsity_ready", "_structure_fixed"):  # internal: which assignments are checked
+            out.pop(flag, None)
         return out
 
     def sparsity_dict(self) -> dict:
@@ -167,4 +185,4 @@ class DynamicLlavaConfig(LlavaConfig):
         return {name: getattr(self, name) for name in SPARSITY_FIELDS}
 
 
-__all__ = ["DynamicLlavaConfig", "SPARSITY_FIELDS"]
+__all__ = ["DynamicLlavaConfig", "SPARSITY_FIELDS", "STRUCTURE_FIELDS"]

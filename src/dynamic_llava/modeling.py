@@ -501,6 +501,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config.check_sparsity()
         LlavaPreTrainedModel.__init__(self, config)
         self.model = DynamicLlavaModel(config)
+        self.config.__dict__["_structure_fixed"] = True  # the predictors exist: their widths cannot change now
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
