@@ -206,3 +206,34 @@ def test_train_command_refuses_another_run_in_one_line_and_restarts_on_request(w
     restarted = CliRunner().invoke(app, [*args, "--image-keep-rate", "0.5", "--restart"])
     assert restarted.exit_code == 0, restarted.output
     assert (world / "cli-run" / "previous" / "final" / "run.json").is_file()
+
+
+def test_train_command_reports_a_diverging_run_in_one_error_line(world):
+    from typer.testing import CliRunner
+
+    from dynamic_llava.cli import app
+
+    output = world / "cli-diverged"
+    args = ["train", str(world / "model"), str(world / "data.json"), str(world / "images"), str(output),
+            "--trainable", "predictors", "--max-steps", "4", "--batch-size", "2", "--save-steps", "1",
+            "--predictor-learning-rate", "1e30", "--max-grad-norm", "0"]
+    outcome = CliRunner().invoke(app, args)
+    errors = [line for line in outcome.output.splitlines() if line.startswith("Error: ")]
+    assert outcome.exit_code == 1 and "Traceback" not in outcome.output, outcome.output
+    assert len(errors) == 1 and "the loss is nan" in errors[0] and "the last good checkpoint is" in errors[0]
+    assert not (output / "final").exists()
+    last = sorted(p for p in output.iterdir() if p.name.startswith("checkpoint-"))[-1]
+    kept = DynamicLlavaForConditionalGeneration.from_pretrained(last)
+    assert all(bool(torch.isfinite(p).all()) for p in kept.parameters())
+
+
+def test_deepspeed_without_the_package_is_refused_before_loading(world, monkeypatch):
+    import importlib.util
+
+    config = world / "zero2.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--deepspeed .*zero2.json needs the deepspeed package: pip install deepspeed"):
+        train(recipe_for(world, "deepspeed", deepspeed=str(config)))
+    assert not (world / "deepspeed").exists()
