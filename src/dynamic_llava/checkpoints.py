@@ -33,7 +33,8 @@ def check_checkpoint_folder(path) -> None:
     if root.is_dir():
         if not (root / "config.json").is_file():
             raise FileNotFoundError(
-                f"No config.json in {path}: pass a llava-hf or Dynamic-LLaVA checkpoint folder (save_pretrained writes one)."
+                f"No config.json in {path}: pass a llava-hf or Dynamic-LLaVA checkpoint folder "
+                "(save_pretrained writes one)."
             )
         return
     if looks_local(path):

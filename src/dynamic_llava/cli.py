@@ -137,7 +137,8 @@ def train(
     max_length: int = typer.Option(None, help="Records longer than this many tokens are bad records (default: the "
                                    "model's context)."),
     resume: bool = typer.Option(True, "--resume/--restart", help="Resume this run from the newest checkpoint in "
-                                "OUTPUT_DIR, or start over (moving the old checkpoints and final/ to OUTPUT_DIR/previous)."),
+                                "OUTPUT_DIR, or start over, moving the old checkpoints and final/ to "
+                                "OUTPUT_DIR/previous (replacing what an earlier restart put there)."),
 ) -> None:
     """Sparsification-aware fine-tuning. Multi-process: `torchrun --nproc_per_node N -m dynamic_llava.cli train ...`."""
     from .training import TrainingRecipe

@@ -149,7 +149,7 @@ class DynamicLlavaConfig(LlavaConfig):
         super().__setattr__(name, value)
 
     def check_sparsity(self) -> None:
-        """Raise a clear `TypeError` / `ValueError` naming the first sparsity setting that cannot work with this model."""
+        """Raise a clear `TypeError` / `ValueError` naming the first sparsity setting that cannot work here."""
         num_layers = self.text_config.num_hidden_layers
         for name in SPARSITY_FIELDS:
             check_setting(name, getattr(self, name), num_layers)

@@ -617,8 +617,8 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if labels is not None:
             if input_ids is not None and labels.shape != input_ids.shape:
                 raise ValueError(
-                    f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one label per input "
-                    "token (-100 where no loss is taken), as LlavaConversationDataset makes them."
+                    f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one label per "
+                    "input token (-100 where no loss is taken), as LlavaConversationDataset makes them."
                 )
             check_number("gumbel_tau", gumbel_tau, 0.0, low_open=True, hint="the Gumbel-Softmax temperature")
             return self._masked_training_forward(

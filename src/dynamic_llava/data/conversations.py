@@ -268,7 +268,9 @@ class LlavaConversationDataset(Dataset):
                 first = first or error
                 self._unusable.add(j)
                 self.skipped.append((self.ids[j], error.reason))
-                logger.warning(f"Skipping record {self.ids[j]!r}: {error.reason} (the next usable record takes its place)")
+                logger.warning(
+                    f"Skipping record {self.ids[j]!r}: {error.reason} (the next usable record takes its place)"
+                )
         raise ValueError(f"{first or 'every record failed when encoded'}; no usable record is left")
 
     def _encode(self, i: int) -> dict[str, torch.Tensor]:

@@ -123,8 +123,9 @@ class TrainingRecipe:
                 check_integer(name, getattr(self, name), 1)
         for name in ("freeze_projector", "image_only", "gradient_checkpointing", "bf16", "resume"):
             check_bool(name, getattr(self, name))
-        if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template.strip()):
-            raise invalid("chat_template", self.chat_template, "'llava_v1', a Jinja template, or None (the processor's)")
+        template = self.chat_template
+        if template is not None and (not isinstance(template, str) or not template.strip()):
+            raise invalid("chat_template", template, "'llava_v1', a Jinja template, or None (the processor's)")
         if not isinstance(self.sparsity, dict):
             raise invalid("sparsity", self.sparsity, "a dict of config settings", kind=TypeError)
         unknown = sorted(set(self.sparsity) - set(SPARSITY_FIELDS))
@@ -144,7 +145,9 @@ class TrainingRecipe:
         if self.deepspeed is None:
             return
         if not os.path.isfile(self.deepspeed):
-            raise FileNotFoundError(f"DeepSpeed config not found: {self.deepspeed} (e.g. configs/deepspeed_zero2.json).")
+            raise FileNotFoundError(
+                f"DeepSpeed config not found: {self.deepspeed} (e.g. configs/deepspeed_zero2.json)."
+            )
         try:
             with open(self.deepspeed, encoding="utf-8") as f:
                 json.load(f)
@@ -416,4 +419,12 @@ def train(recipe: TrainingRecipe, callbacks=None) -> str:
     return save_final(trainer, recipe.output_dir)
 
 
-__all__ = ["NonFiniteError", "TrainingRecipe", "build_trainer", "fingerprint_differences", "load_model", "save_final", "train"]
+__all__ = [
+    "NonFiniteError",
+    "TrainingRecipe",
+    "build_trainer",
+    "fingerprint_differences",
+    "load_model",
+    "save_final",
+    "train",
+]

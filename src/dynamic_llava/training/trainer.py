@@ -39,10 +39,8 @@ def free_space(path: str) -> str:
 
 def is_write_failure(error: BaseException) -> bool:
     """An OSError, or the RuntimeError torch's zip writer raises when a write comes up short (full disk)."""
-    text = str(error)
-    return isinstance(error, OSError) or (
-        isinstance(error, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter" in text or "write" in text)
-    )
+    signs = ("unexpected pos", "PytorchStreamWriter", "write")
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and any(s in str(error) for s in signs))
 
 
 def save_failure(path: str, error: BaseException) -> OSError:
