@@ -108,6 +108,11 @@ def speed_with(**kwargs):
     return lambda env: SpeedSettings(**{"models": ("wide",), **kwargs}).check()
 
 
+def _changed(policy, name, value):
+    setattr(policy, name, value)
+    return policy
+
+
 EMPTY_ANSWER = copy.deepcopy(GOOD_RECORDS[0]) | {"id": "empty-answer"}
 EMPTY_ANSWER["conversations"][1]["value"] = "  "
 
@@ -315,6 +320,14 @@ API_CASES = [
         r"H2OPolicy ranks tokens by the attention accumulated in the KV cache: generate with use_cache=True",
     ),
     # ---- policies
+    (
+        "policy changed after it was made",
+        lambda env: env.model.generate(
+            **env.inputs, max_new_tokens=2, sparsity_policy=_changed(RandomPolicy(), "image_keep_rate", 5.0)
+        ),
+        ValueError,
+        rf"image_keep_rate=5.0: {RATE}",
+    ),
     (
         "random image rate 1.5",
         lambda env: RandomPolicy(image_keep_rate=1.5),

@@ -80,6 +80,13 @@ class TokenPolicy:
     evicts_text: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise `TypeError` / `ValueError` for parameters that cannot work (at construction and before each use)."""
+        check_optional_rate("image_keep_rate", self.image_keep_rate)
+
     def image_scores(
         self, model, hidden: torch.Tensor, positions: torch.Tensor, context: PolicyContext
     ) -> torch.Tensor | None:
@@ -100,8 +107,12 @@ class TokenPolicy:
 
 
 def check_policy(policy) -> None:
-    """Raise `TypeError` unless ``policy`` is None or a `TokenPolicy` instance (not a name, not a class)."""
-    if policy is None or isinstance(policy, TokenPolicy):
+    """Raise `TypeError` unless ``policy`` is None or a `TokenPolicy` instance (not a name, not a class), and
+    whatever its own `check` raises."""
+    if isinstance(policy, TokenPolicy):
+        policy.check()  # its parameters may have been changed since it was made
+        return
+    if policy is None:
         return
     if isinstance(policy, type) and issubclass(policy, TokenPolicy):
         raise TypeError(f"sparsity_policy={policy.__name__}: expected an instance; pass {policy.__name__}().")

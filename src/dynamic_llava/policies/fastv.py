@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import TokenPolicy, check_optional_rate, layer_keys, query_attention
+from .base import TokenPolicy, layer_keys, query_attention
 
 
 @dataclass
@@ -29,9 +29,6 @@ class FastVPolicy(TokenPolicy):
     """
 
     image_keep_rate: float | None = None
-
-    def __post_init__(self):
-        check_optional_rate("image_keep_rate", self.image_keep_rate)
 
     def image_scores(self, model, hidden, positions, context):
         if context.past > 0:

@@ -36,7 +36,8 @@ class H2OPolicy(TokenPolicy):
     evicts_text = True
     needs_attention = True
 
-    def __post_init__(self):
+    def check(self) -> None:
+        super().check()
         check_integer("heavy", self.heavy, 0)
         check_integer("recent", self.recent, 1, hint="the newest token always sees itself")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..predictors import KEEP, keep_log_prob
-from .base import TokenPolicy, check_optional_rate
+from .base import TokenPolicy
 
 
 @dataclass
@@ -24,9 +24,6 @@ class LearnedPolicy(TokenPolicy):
     """
 
     image_keep_rate: float | None = None
-
-    def __post_init__(self):
-        check_optional_rate("image_keep_rate", self.image_keep_rate)
 
     def image_scores(self, model, hidden, positions, context):
         if model.image_predictor is None:

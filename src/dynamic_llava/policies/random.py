@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_integer, check_rate
-from .base import TokenPolicy, check_optional_rate
+from .base import TokenPolicy
 
 
 def _position_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
@@ -38,8 +38,8 @@ class RandomPolicy(TokenPolicy):
     text_keep_rate: float | None = None
     seed: int = 0
 
-    def __post_init__(self):
-        check_optional_rate("image_keep_rate", self.image_keep_rate)
+    def check(self) -> None:
+        super().check()
         if self.text_keep_rate is not None:
             check_rate("text_keep_rate", self.text_keep_rate, "None keeps every generated token")
         check_integer("seed", self.seed)

@@ -27,7 +27,8 @@ class StreamingLLMPolicy(TokenPolicy):
     window: int = 256
     evicts_text = True
 
-    def __post_init__(self):
+    def check(self) -> None:
+        super().check()
         check_integer("window", self.window, 1, hint="the newest token always sees itself")
 
     def text_evict(self, model, slots):
