@@ -11,12 +11,12 @@ from tiny import IMAGE_TOKEN, make_prompts, tiny_config_kwargs, tiny_dynamic
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(image_keep_rate=0.0), "image_keep_rate=0.0 must be in \\(0, 1\\]"),
-        (dict(image_keep_rate=1.5), "image_keep_rate=1.5 must be in \\(0, 1\\]"),
-        (dict(text_keep_rate=-0.1), "text_keep_rate=-0.1 must be in \\(0, 1\\]"),
-        (dict(sparse_layer=0), "sparse_layer=0 is outside the decoder"),
-        (dict(sparse_layer=4), "sparse_layer=4 is outside the decoder"),
-        (dict(predictor_dim=15, predictor_heads=2), "predictor_dim=15 must be even"),
+        (dict(image_keep_rate=0.0), r"image_keep_rate=0.0: expected a number in \(0, 1\]"),
+        (dict(image_keep_rate=1.5), r"image_keep_rate=1.5: expected a number in \(0, 1\]"),
+        (dict(text_keep_rate=-0.1), r"text_keep_rate=-0.1: expected a number in \(0, 1\]"),
+        (dict(sparse_layer=0), r"sparse_layer=0: expected an integer in \[1, 3\]"),
+        (dict(sparse_layer=4), r"sparse_layer=4: expected an integer in \[1, 3\]"),
+        (dict(predictor_dim=15, predictor_heads=2), "predictor_dim=15: expected an even multiple of predictor_heads=2"),
     ],
 )
 def test_bad_sparsity_settings(settings, message):
@@ -24,9 +24,12 @@ def test_bad_sparsity_settings(settings, message):
         DynamicLlavaConfig(**tiny_config_kwargs(), **settings)
 
 
-def test_settings_changed_after_loading_are_checked_before_compute():
+def test_settings_changed_after_loading_are_checked_on_assignment_and_before_compute():
     model = tiny_dynamic()
-    model.config.image_keep_rate = 2.0
+    with pytest.raises(ValueError, match=r"image_keep_rate=2.0: expected a number in \(0, 1\]"):
+        model.config.image_keep_rate = 2.0
+    assert model.config.image_keep_rate == 0.25  # the refused value was not stored
+    model.config.__dict__["image_keep_rate"] = 2.0  # bypassing the check: forward still refuses it
     ids, mask, pixels = make_prompts([2], [3])
     with pytest.raises(ValueError, match="image_keep_rate=2.0"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels)

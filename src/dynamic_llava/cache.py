@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .validation import check_integer
+
 
 class SparseLayer(DynamicLayer):
     """Cache layer that appends only the tokens the model loop marked as kept."""
@@ -135,6 +137,8 @@ class DynamicLlavaCache(Cache):
     """
 
     def __init__(self, num_layers: int, sparse_layer: int):
+        check_integer("num_layers", num_layers, 2)
+        check_integer("sparse_layer", sparse_layer, 1, num_layers - 1, f"layer K of a {num_layers}-layer model")
         layers = [DynamicLayer() for _ in range(sparse_layer)]
         layers += [SparseLayer() for _ in range(num_layers - sparse_layer)]
         super().__init__(layers=layers)

@@ -1,8 +1,39 @@
-"""Command line: `dynamic-llava demo` and `dynamic-llava version`."""
+"""Command line: `dynamic-llava demo`, `train`, `world`, `bench`, `bench-accuracy`, `costs` and `version`."""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import typer
+from typer.core import TyperGroup
+from typer.core import _click  # the click that typer runs on (it ships its own)
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, a missing argument) print one line and exit 2, as `_fail` does."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.exceptions.NoArgsIsHelpError as error:
+            typer.echo(error.ctx.get_help() if error.ctx else error.format_message())
+            sys.exit(2)
+        except _click.exceptions.UsageError as error:
+            where = f" (see {error.ctx.command_path} --help)" if error.ctx else ""
+            typer.secho(f"Error: {error.format_message()}{where}", err=True, fg=typer.colors.RED)
+            sys.exit(2)
+        except _click.exceptions.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.secho("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="dynamic-llava",
@@ -10,13 +41,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 
 
-def _fail(message: str) -> None:
-    """Print a one-line error and exit with status 2 (bad usage)."""
-    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
+def _fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit with status 2 (bad usage) or ``code`` (a run that failed)."""
+    typer.secho(f"Error: {' '.join(str(message).split())}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=code)
+
+
+def _writable_folder(folder: str, option: str) -> None:
+    """Create ``folder`` if needed and fail now, not after the work, when results cannot be written there."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        _fail(f"{option} {folder} is a file: pass a folder for the results.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"{option} {folder} cannot be created: {err.strerror or err}.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        _fail(f"{option} {folder} is not writable: pass a folder you can write to.")
 
 
 @app.command()
@@ -26,7 +71,8 @@ def demo(
         0.2, "--image-keep-rate", help="Share of each image's tokens kept after layer K, in (0, 1]."
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds the random weights, prompts and images."),
-    checkpoints: str = typer.Option("checkpoints", help="Folder of the trained world models (tiny-llava, ...)."),
+    checkpoints: str = typer.Option(None, help="Folder of the trained world models (tiny-llava, ...); default: "
+                                    "checkpoints/ when it holds them, else the random-weight demo."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the random-weight model even if "
                                         "trained checkpoints are there."),
 ) -> None:
@@ -40,8 +86,14 @@ def demo(
         _fail(f"--seed must be >= 0, got {seed}.")
     from .world.demo import checkpoints_present, run_world_demo
 
-    if not random_weights and checkpoints_present(checkpoints):
-        run_world_demo(checkpoints, image_keep_rate=image_keep_rate)
+    if checkpoints is not None and random_weights:
+        _fail("--checkpoints and --random-weights exclude each other: pass one.")
+    if checkpoints is not None and not checkpoints_present(checkpoints):
+        _fail(f"--checkpoints {checkpoints} does not hold the world models (tiny-llava/ and tiny-dynamic-llava/ with "
+              "config.json): build them with `make world`, or drop --checkpoints for the random-weight demo.")
+    folder = checkpoints or "checkpoints"
+    if not random_weights and checkpoints_present(folder):
+        run_world_demo(folder, image_keep_rate=image_keep_rate)
         return
 
     from .demo import run_demo  # imports torch and transformers: only when needed
@@ -82,7 +134,11 @@ def train(
         None, help='"llava_v1" (answers end with </s>) or a Jinja template; default: the processor\'s.'
     ),
     deepspeed: str = typer.Option(None, help="DeepSpeed JSON config (multi-GPU), e.g. configs/deepspeed_zero2.json."),
-    resume: bool = typer.Option(True, help="Resume from the newest checkpoint in OUTPUT_DIR if there is one."),
+    max_length: int = typer.Option(None, help="Records longer than this many tokens are bad records (default: the "
+                                   "model's context)."),
+    resume: bool = typer.Option(True, "--resume/--restart", help="Resume this run from the newest checkpoint in "
+                                "OUTPUT_DIR, or start over, moving the old checkpoints and final/ to "
+                                "OUTPUT_DIR/previous (replacing what an earlier restart put there)."),
 ) -> None:
     """Sparsification-aware fine-tuning. Multi-process: `torchrun --nproc_per_node N -m dynamic_llava.cli train ...`."""
     from .training import TrainingRecipe
@@ -103,11 +159,19 @@ def train(
         gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps, seed=seed,
         max_grad_norm=max_grad_norm,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, on_bad_record=on_bad_record,
-        chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity,
+        chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity, max_length=max_length,
     )
+    from .training import NonFiniteError
+
+    try:
+        recipe.check()
+    except (OSError, TypeError, ValueError) as err:
+        _fail(str(err))
     try:
         final = run_training(recipe)
-    except (FileNotFoundError, ValueError) as err:
+    except (NonFiniteError, OSError) as err:
+        _fail(str(err), code=1)  # the run failed; what it saved before stays
+    except (TypeError, ValueError) as err:
         _fail(str(err))
     typer.echo(f"Trained model saved to {final}")
 
@@ -167,27 +231,32 @@ def bench(
 ) -> None:
     """Dense, Dynamic-LLaVA, FastV and random side by side at equal budgets: prefill time vs the FLOPs ideal,
     per-token decode time, time without a cache, KV bytes and process memory vs generated length."""
-    from pathlib import Path
-
     from rich.console import Console
 
     from .benchmarking import SpeedSettings, run_speed, speed_table, write_report
 
-    model_names = _split(models, str, "--models")
+    model_names = tuple(name.strip() for name in _split(models, str, "--models"))
     batch_sizes = _split(batches, int, "--batches")
     if not batch_sizes or min(batch_sizes) < 1:
         _fail(f"--batches must be positive integers, got {batches!r}.")
     for rate, option in ((image_keep_rate, "--image-keep-rate"), (text_keep_rate, "--text-keep-rate")):
         if not 0.0 < rate <= 1.0:
             _fail(f"{option} must be in (0, 1], got {rate}.")
-    if "tiny" in model_names and not (Path(checkpoint) / "config.json").is_file():
-        _fail(f"No trained world model at {checkpoint}: build it with `make world`, pass --checkpoint, or "
-              "benchmark the random-weight model only with --models wide.")
+    if threads < 0:
+        _fail(f"--threads must be >= 0 (0: torch's default), got {threads}.")
     settings = SpeedSettings(
         models=model_names, batches=batch_sizes, image_keep_rate=image_keep_rate, text_keep_rate=text_keep_rate,
         checkpoint=checkpoint, tiny_decode_tokens=tiny_decode_tokens, wide_decode_tokens=wide_decode_tokens,
         wide_layers=wide_layers, repeats=repeats, threads=threads or None, quick=quick,
     )
+    try:
+        settings.check()
+    except (TypeError, ValueError) as err:
+        _fail(str(err).replace("models=", "--models ", 1))
+    if "tiny" in model_names and not (Path(checkpoint) / "config.json").is_file():
+        _fail(f"No trained world model at {checkpoint}: build it with `make world`, pass --checkpoint, or "
+              "benchmark the random-weight model only with --models wide.")
+    _writable_folder(output, "--output")
     try:
         report = run_speed(settings)
     except ValueError as err:
@@ -243,14 +312,18 @@ def costs_command(
     dtype_bytes: int = typer.Option(2, help="Bytes per KV element (2: fp16/bf16)."),
 ) -> None:
     """FLOPs (paper convention and exact) and KV bytes of one sample, dense vs Dynamic-LLaVA, from a config alone."""
-    from pathlib import Path
-
     from rich.console import Console
     from rich.table import Table
 
     from . import DynamicLlavaConfig
     from .costs import estimate
 
+    from .checkpoints import check_checkpoint_folder
+
+    try:
+        check_checkpoint_folder(model)  # a file (config.json itself), or a folder without config.json
+    except OSError as err:
+        _fail(str(err))
     if not (Path(model) / "config.json").is_file():
         _fail(f"No config.json in {model}: pass a llava-hf or Dynamic-LLaVA checkpoint folder.")
     for rate, option in ((image_keep_rate, "--image-keep-rate"), (text_keep_rate, "--text-keep-rate")):
@@ -258,9 +331,11 @@ def costs_command(
             _fail(f"{option} must be in (0, 1], got {rate}.")
     if text_tokens < 0 or new_tokens < 0:
         _fail("--text-tokens and --new-tokens must be >= 0.")
+    if dtype_bytes < 1:
+        _fail(f"--dtype-bytes must be >= 1 (2: fp16/bf16, 4: fp32, 1: 8-bit), got {dtype_bytes}.")
     try:
         config = DynamicLlavaConfig.from_pretrained(model)
-    except (ValueError, OSError) as err:
+    except (ValueError, TypeError, OSError) as err:
         _fail(str(err))
     c = estimate(config, text_tokens, new_tokens, image_keep_rate, text_keep_rate, dtype_bytes=dtype_bytes)
     table = Table(title=f"{model}: {c['prompt_tokens']} prompt tokens ({c['image_tokens_kept']}/{c['image_tokens']} "

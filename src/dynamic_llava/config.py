@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
+
+from .validation import check_bool, check_integer, check_integer_list, check_number, check_rate, invalid
 
 SPARSITY_FIELDS = (
     "sparse_layer",
@@ -20,6 +24,50 @@ SPARSITY_FIELDS = (
     "budget_weight",
     "min_answer_tokens",
 )
+
+# Settings that shape the predictor modules: changing them under a built model would not change the model.
+STRUCTURE_FIELDS = (
+    "use_image_predictor",
+    "use_text_predictor",
+    "predictor_dim",
+    "predictor_heads",
+    "predictor_mlp_dim",
+    "predictor_blocks",
+    "predictor_head_dims",
+    "text_predictor_dims",
+)
+
+
+def check_setting(name: str, value, num_layers: int) -> None:
+    """Raise `TypeError` / `ValueError` when sparsity setting ``name`` cannot take ``value`` (``num_layers``: L)."""
+    if name == "sparse_layer":
+        if num_layers < 2:
+            raise invalid(name, value, f"a layer in [1, L-1], but the language model has L={num_layers} layer")
+        check_integer(name, value, 1, num_layers - 1,
+                      f"layer K of a language model with {num_layers} layers (the paper uses 2)")
+    elif name in ("image_keep_rate", "text_keep_rate"):
+        check_rate(name, value)
+    elif name in ("use_image_predictor", "use_text_predictor"):
+        check_bool(name, value)
+    elif name in ("predictor_dim", "predictor_mlp_dim") and value is None:
+        return  # derived from the hidden size at construction
+    elif name in ("predictor_dim", "predictor_heads", "predictor_mlp_dim", "predictor_blocks", "min_answer_tokens"):
+        check_integer(name, value, 1)
+    elif name in ("predictor_head_dims", "text_predictor_dims"):
+        if value is not None:
+            check_integer_list(name, value, 1)
+    elif name == "budget_weight":
+        check_number(name, value, 0.0)
+
+
+def refuse_misspelt_settings(names) -> None:
+    """Raise `ValueError` for a keyword that is not a sparsity setting but nearly spells one (``image_keep_rat``):
+    the config would keep it as an unused attribute and the setting meant would silently stay at its default."""
+    for name in names:
+        if name not in SPARSITY_FIELDS:
+            close = difflib.get_close_matches(name, SPARSITY_FIELDS, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(f"{name}: not a Dynamic-LLaVA setting; did you mean {close[0]}?")
 
 
 @strict
@@ -65,7 +113,11 @@ class DynamicLlavaConfig(LlavaConfig):
     min_answer_tokens: int = 50
 
     def __post_init__(self, **kwargs):
+        refuse_misspelt_settings(kwargs)
         super().__post_init__(**kwargs)
+        for name in ("predictor_heads", "predictor_dim", "predictor_head_dims", "text_predictor_dims"):  # read below
+            if getattr(self, name) is not None:
+                check_setting(name, getattr(self, name), self.text_config.num_hidden_layers)
         self._fill_predictor_widths()
         self.check_sparsity()
 
@@ -85,39 +137,52 @@ class DynamicLlavaConfig(LlavaConfig):
         self.predictor_head_dims = list(self.predictor_head_dims)
         self.text_predictor_dims = list(self.text_predictor_dims)
 
+    def __setattr__(self, name, value):
+        """Check a sparsity setting assigned after construction (``model.config.image_keep_rate = ...``)."""
+        if name in SPARSITY_FIELDS and self.__dict__.get("_sparsity_ready"):
+            check_setting(name, value, self.text_config.num_hidden_layers)
+            if name in STRUCTURE_FIELDS and self.__dict__.get("_structure_fixed") and value != getattr(self, name):
+                raise ValueError(
+                    f"{name}={value!r}: fixed at {getattr(self, name)!r} once a model is built from this config (its "
+                    f"predictors exist already); load with from_pretrained(path, {name}=...) or build a new model."
+                )
+        super().__setattr__(name, value)
+
     def check_sparsity(self) -> None:
-        """Raise a clear `ValueError` when a sparsity setting cannot work with this model."""
+        """Raise a clear `TypeError` / `ValueError` naming the first sparsity setting that cannot work here."""
         num_layers = self.text_config.num_hidden_layers
-        if not 1 <= self.sparse_layer < num_layers:
-            raise ValueError(
-                f"sparse_layer={self.sparse_layer} is outside the decoder: it must be in [1, {num_layers - 1}] "
-                f"for a language model with {num_layers} layers (the paper uses 2)."
-            )
-        for name in ("image_keep_rate", "text_keep_rate"):
-            rate = getattr(self, name)
-            if not 0.0 < rate <= 1.0:
-                raise ValueError(f"{name}={rate} must be in (0, 1]; use 1.0 to keep every token.")
-        if self.budget_weight < 0 or self.min_answer_tokens < 1:
-            raise ValueError(
-                f"budget_weight={self.budget_weight} must be >= 0 and min_answer_tokens={self.min_answer_tokens} >= 1."
-            )
+        for name in SPARSITY_FIELDS:
+            check_setting(name, getattr(self, name), num_layers)
         if self.predictor_dim % 2 or self.predictor_dim % self.predictor_heads:
-            raise ValueError(
-                f"predictor_dim={self.predictor_dim} must be even and divisible by "
-                f"predictor_heads={self.predictor_heads}."
+            raise invalid(
+                "predictor_dim", self.predictor_dim, f"an even multiple of predictor_heads={self.predictor_heads}",
+                "the image predictor splits its width into heads and into two halves",
             )
+        self.__dict__["_sparsity_ready"] = True
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         """Read a `dynamic_llava` config, or a plain `llava` one (which then gets default sparsity settings)."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") == LlavaConfig.model_type:
+        model_type = config_dict.get("model_type")
+        if model_type not in (LlavaConfig.model_type, cls.model_type):
+            raise ValueError(
+                f"The config.json in {pretrained_model_name_or_path} is for a {model_type!r} model, not LLaVA: "
+                f"Dynamic-LLaVA loads 'llava' (llava-hf) or 'dynamic_llava' checkpoints."
+            )
+        if model_type == LlavaConfig.model_type:
             config_dict = {**config_dict, "model_type": cls.model_type}
         return config_dict, kwargs
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for flag in ("_sparsity_ready", "_structure_fixed"):  # internal: which assignments are checked
+            out.pop(flag, None)
+        return out
 
     def sparsity_dict(self) -> dict:
         """The sparsity settings alone, as saved in `config.json`."""
         return {name: getattr(self, name) for name in SPARSITY_FIELDS}
 
 
-__all__ = ["DynamicLlavaConfig", "SPARSITY_FIELDS"]
+__all__ = ["DynamicLlavaConfig", "SPARSITY_FIELDS", "STRUCTURE_FIELDS"]

@@ -23,6 +23,8 @@ and ``vocab_size`` from a text config (``config.text_config`` of a `DynamicLlava
 
 from __future__ import annotations
 
+from .validation import check_integer, check_rate
+
 # ----------------------------------------------------------------------------- paper convention
 
 
@@ -187,6 +189,12 @@ def estimate(config, text_tokens: int = 40, new_tokens: int = 0, image_keep_rate
     kept tokens), and KV-cache bytes per layer at the end. Generated tokens are assumed kept at
     `text_keep_rate` (the training target; the trained predictor decides at run time).
     """
+    for name, value in (("text_tokens", text_tokens), ("new_tokens", new_tokens), ("images", images)):
+        check_integer(name, value, 0)
+    check_integer("dtype_bytes", dtype_bytes, 1, hint="2 for fp16/bf16, 4 for fp32")
+    for name, value in (("image_keep_rate", image_keep_rate), ("text_keep_rate", text_keep_rate)):
+        if value is not None:
+            check_rate(name, value)
     text = config.text_config
     k = getattr(config, "sparse_layer", 2)
     image_keep_rate = getattr(config, "image_keep_rate", 1.0) if image_keep_rate is None else image_keep_rate

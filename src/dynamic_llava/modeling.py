@@ -20,6 +20,7 @@ came after them, exactly as the cached K/V did), so both modes give the same tok
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -43,12 +44,26 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
-from .checkpoints import checkpoint_tensor_shapes, predictor_mismatches, stored_predictor_shapes
-from .config import SPARSITY_FIELDS, DynamicLlavaConfig
-from .policies import LearnedPolicy, PolicyContext, TextSlots, TokenPolicy, layer_keys, query_attention
+from .checkpoints import (
+    check_checkpoint_folder,
+    checkpoint_tensor_shapes,
+    predictor_mismatches,
+    stored_predictor_shapes,
+)
+from .config import SPARSITY_FIELDS, DynamicLlavaConfig, refuse_misspelt_settings
+from .policies import (
+    LearnedPolicy,
+    PolicyContext,
+    TextSlots,
+    TokenPolicy,
+    check_policy,
+    layer_keys,
+    query_attention,
+)
 from .losses import budget_loss
 from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
 from .stats import ForwardRecord, SparsityStats
+from .validation import check_number
 
 logger = logging.get_logger(__name__)
 
@@ -442,10 +457,27 @@ class DynamicLlavaModel(LlavaModel):
                 f"Dynamic-LLaVA supports LLaVA checkpoints with a {SUPPORTED_TEXT_MODELS} language model; "
                 f"this one has '{text_type}'."
             )
+        config.check_sparsity()
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = DynamicLlamaModel(config.text_config, config)
+        self._image_token_mask = None
         self.post_init()
+
+    def forward(self, *args, image_token_mask: torch.Tensor | None = None, **kwargs):
+        """`LlavaModel.forward`; image features go to `image_token_mask` (the prompt's image tokens) only."""
+        self._image_token_mask = image_token_mask
+        try:
+            return super().forward(*args, image_token_mask=image_token_mask, **kwargs)
+        finally:
+            self._image_token_mask = None
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        """Where image features go: the prompt's image tokens; generated tokens with the image id stay text."""
+        mask = self._image_token_mask
+        if mask is None or mask.shape != inputs_embeds.shape[:2]:
+            return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
+        return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
 
 class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -462,8 +494,15 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
 
     def __init__(self, config: DynamicLlavaConfig):
+        if not isinstance(config, DynamicLlavaConfig):
+            raise TypeError(
+                f"config must be a DynamicLlavaConfig, got {type(config).__name__}: build one with "
+                "DynamicLlavaConfig(...) or DynamicLlavaConfig.from_pretrained(path)."
+            )
+        config.check_sparsity()
         LlavaPreTrainedModel.__init__(self, config)
         self.model = DynamicLlavaModel(config)
+        self.config.__dict__["_structure_fixed"] = True  # the predictors exist: their widths cannot change now
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
@@ -473,9 +512,18 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         Sparsity settings may be overridden as keyword arguments (e.g. ``image_keep_rate=0.3``).
         """
+        refuse_misspelt_settings(kwargs)
+        check_checkpoint_folder(pretrained_model_name_or_path)
         shapes = checkpoint_tensor_shapes(pretrained_model_name_or_path)
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            if os.path.isdir(pretrained_model_name_or_path):
+                raise
+            raise OSError(
+                f"{pretrained_model_name_or_path} is not a checkpoint folder, nor a hub model in the local cache: "
+                f"pass the folder holding config.json and model.safetensors ({error})"
+            ) from error
         except RuntimeError as error:
             config = kwargs.get("config")
             if shapes is None or "mismatch" not in str(error):
@@ -559,12 +607,21 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         `keep_override` ([B, N], 1 = keep) replaces the predictors' decisions.
         """
         self.config.check_sparsity()
+        check_policy(sparsity_policy)
+        if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
+            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(
                 f"attention_mask must be the 2-D padding mask [batch, tokens] (got {attention_mask.ndim}-D): "
                 "the sparse layers build their own masks from it."
             )
         if labels is not None:
+            if input_ids is not None and labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one label per "
+                    "input token (-100 where no loss is taken), as LlavaConversationDataset makes them."
+                )
+            check_number("gumbel_tau", gumbel_tau, 0.0, low_open=True, hint="the Gumbel-Softmax temperature")
             return self._masked_training_forward(
                 input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
                 keep_override, num_items_in_batch, kwargs,
@@ -572,7 +629,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
             past_key_values = None  # an empty default cache: replace it with ours
         image_token_mask, per_image = self._check_inputs(
-            input_ids, pixel_values, kwargs, past_key_values, output_text_start
+            input_ids, pixel_values, kwargs, past_key_values, output_text_start, attention_mask
         )
         record = ForwardRecord()
         outputs = self.model(
@@ -609,7 +666,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self, input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
         keep_override, num_items_in_batch, kwargs,
     ) -> "DynamicLlavaOutput":
-        image_token_mask, per_image = self._check_inputs(input_ids, pixel_values, kwargs, None, None)
+        image_token_mask, per_image = self._check_inputs(input_ids, pixel_values, kwargs, None, None, attention_mask)
         record = ForwardRecord()
         outputs = self.model(
             input_ids=input_ids,
@@ -641,7 +698,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             text_keep_ratio=_only_where(record.text_keep_mean, record.text_tokens),
         )
 
-    def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start):
+    def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start, attention_mask=None):
         """Validate before any compute; return the prompt's image-token mask and tokens per image.
 
         Generated tokens are text even if they carry the image token's id (as in the stock model).
@@ -651,7 +708,23 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if pixel_values is not None:
                 raise ValueError("Dynamic-LLaVA needs input_ids with images (it finds image tokens by id).")
             return None, None
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got a {ids.dtype} tensor.")
+        vocab = self.config.text_config.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(
+                f"input_ids hold token ids from {int(ids.min())} to {int(ids.max())}, but the vocabulary has {vocab} "
+                "(ids 0 .. vocab_size - 1): encode the prompt with this model's processor."
+            )
+        mask = attention_mask
+        if mask is not None and mask.shape[0] != ids.shape[0]:
+            raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids has {ids.shape[0]}.")
         past = cache.get_seq_length(0) if cache is not None else 0
+        if mask is not None and mask.shape[1] != past + ids.shape[1]:
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} tokens but there are {past + ids.shape[1]} ({past} cached + "
+                f"{ids.shape[1]} new): pass the mask the processor made for these input_ids."
+            )
         limit = self.config.text_config.max_position_embeddings
         if past + ids.shape[1] > limit:
             raise ValueError(
@@ -712,12 +785,42 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         Pass `sparsity_stats=SparsityStats()` to read what was kept; assisted decoding is refused.
         """
+        self.config.check_sparsity()
+        policy = kwargs.get("sparsity_policy")
+        check_policy(policy)
+        if policy is not None and policy.needs_attention and kwargs.get("use_cache") is False:
+            raise ValueError(
+                f"{type(policy).__name__} ranks tokens by the attention accumulated in the KV cache: generate with "
+                "use_cache=True."
+            )
+        stats = kwargs.get("sparsity_stats")
+        if stats is not None and not isinstance(stats, SparsityStats):
+            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(stats).__name__}.")
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        if prompt is not None and mask is not None and mask.shape != prompt.shape:
+            raise ValueError(
+                f"attention_mask has shape {list(mask.shape)} but input_ids {list(prompt.shape)}: pass the mask the "
+                "processor made for these input_ids."
+            )
         if prompt is not None and kwargs.get("output_text_start") is None:
             kwargs["output_text_start"] = prompt.shape[1]
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise NotImplementedError("Assisted/speculative decoding is not supported by Dynamic-LLaVA (its cache cannot be cropped).")
         return GenerationMixin.generate(self, inputs, generation_config, **kwargs)
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """Refuse, before decoding starts, a generation that would run past the model's context."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = self.config.text_config.max_position_embeddings
+        # the last token is sampled, never fed back: the model sees at most max_length - 1 tokens
+        if generation_config.max_length - 1 > limit:
+            raise ValueError(
+                f"max_new_tokens={generation_config.max_length - input_ids_length} after a prompt of "
+                f"{input_ids_length} tokens needs {generation_config.max_length - 1} positions, but the model's "
+                f"context is {limit} (text_config.max_position_embeddings): ask for at most "
+                f"{limit + 1 - input_ids_length} new tokens or shorten the prompt."
+            )
 
 
 __all__ = [

@@ -12,9 +12,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ..validation import check_integer, check_rate
 from .methods import methods_at_budget
 from .speed import measure_methods
 from .workloads import load_world_model, random_workload, wide_model, world_workload
+
+
+BENCH_MODELS = ("tiny", "wide")
 
 
 @dataclass
@@ -38,6 +42,28 @@ class SpeedSettings:
     quick: bool = False  # tiny lengths, for a smoke run
     extra: dict = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Raise a clear error for settings that cannot run, before any model is loaded."""
+        if not self.models:
+            raise ValueError("models=(): expected at least one of 'tiny', 'wide'.")
+        for name in self.models:
+            if name not in BENCH_MODELS:
+                raise ValueError(f"models={','.join(self.models)!r}: unknown model {name!r}; choose from "
+                                 f"{', '.join(BENCH_MODELS)} (tiny: the trained world model, wide: random weights).")
+        if not self.batches:
+            raise ValueError("batches=(): expected at least one batch size.")
+        for batch in self.batches:
+            check_integer("batches", batch, 1)
+        check_rate("image_keep_rate", self.image_keep_rate)
+        check_rate("text_keep_rate", self.text_keep_rate)
+        for name in ("tiny_decode_tokens", "tiny_no_cache_tokens", "wide_decode_tokens", "wide_no_cache_tokens",
+                     "repeats"):
+            check_integer(name, getattr(self, name), 1)
+        check_integer("wide_layers", self.wide_layers, 3, hint="the wide model prunes after layer K = 2")
+        if self.threads is not None:
+            check_integer("threads", self.threads, 1, hint="0 or None uses torch's default")
+        check_integer("seed", self.seed, 0)
+
 
 def _model_and_workloads(name: str, settings: SpeedSettings):
     if name == "tiny":
@@ -52,12 +78,13 @@ def _model_and_workloads(name: str, settings: SpeedSettings):
         make = lambda batch: random_workload(model, batch, seed=settings.seed)  # noqa: E731
         lengths = (settings.wide_decode_tokens, settings.wide_no_cache_tokens)
     else:
-        raise ValueError(f"Unknown benchmark model {name!r}: use 'tiny' (the trained world model) or 'wide'.")
+        raise ValueError(f"Unknown benchmark model {name!r}: use {' or '.join(repr(m) for m in BENCH_MODELS)}.")
     return model, trained, make, lengths
 
 
 def run_speed(settings: SpeedSettings, console: Console | None = None) -> dict:
     """Run the speed benchmark; returns a JSON-ready dict {"settings", "machine", "runs": [...]}."""
+    settings.check()
     console = console or Console(stderr=True)
     if settings.threads:
         torch.set_num_threads(settings.threads)

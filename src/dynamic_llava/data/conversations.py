@@ -66,7 +66,7 @@ class LlavaConversationDataset(Dataset):
 
     Item keys: ``input_ids``, ``labels``, ``attention_mask`` [N] long, ``answer_mask`` [N] bool and, for records
     with images, ``pixel_values`` [n_images, 3, H, W]. An image that exists but cannot be read is only found when
-    its item is encoded: that raises ValueError naming the record.
+    its item is encoded: it is then skipped like any bad record (reported by id), or raises under ``"raise"``.
 
     Attributes: ``records`` and ``ids`` (the usable records and their ids, in file order; a record without an id is
     named ``#<index in the file>``) and ``skipped`` ((id, reason) of each record left out).
@@ -87,16 +87,26 @@ class LlavaConversationDataset(Dataset):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if not getattr(processor.tokenizer, "is_fast", False):
             raise ValueError("LlavaConversationDataset needs a fast tokenizer (it maps labels through token offsets).")
+        source = "the records given"
         if isinstance(json_path_or_records, (str, os.PathLike)):
-            with open(json_path_or_records, encoding="utf-8") as f:
-                json_path_or_records = json.load(f)
+            source = str(json_path_or_records)
+            try:
+                with open(json_path_or_records, encoding="utf-8") as f:
+                    json_path_or_records = json.load(f)
+            except ValueError as error:  # invalid JSON or not UTF-8
+                raise ValueError(f"{source} is not a JSON file of LLaVA records: {error}") from error
         if not isinstance(json_path_or_records, list):
-            raise ValueError(f"expected a list of records, got {type(json_path_or_records).__name__}")
+            raise ValueError(
+                f"{source}: expected a list of records, got {type(json_path_or_records).__name__}"
+            )
         self.image_folder = Path(image_folder)
         self.processor = processor
         self.min_answer_tokens = min_answer_tokens
         self.max_length = max_length
         self.chat_template = chat_template
+        self.on_error = on_error
+        self._check_template()
+        self._unusable: set[int] = set()  # records found bad only when encoded (unreadable image, too long)
         self.records: list[dict] = []
         self.ids: list[object] = []
         self.skipped: list[tuple[object, str]] = []
@@ -122,6 +132,22 @@ class LlavaConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _check_template(self) -> None:
+        """Refuse a chat template that fails or writes no turn text, before any record is judged by it."""
+        probe = [
+            {"role": "user", "content": [{"type": "text", "text": "probe question"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "probe answer"}]},
+        ]
+        try:
+            text = self._render(probe)
+        except Exception as error:  # Jinja raises several types; all mean "this template cannot be used"
+            raise ValueError(f"the chat template cannot render a conversation: {error}") from error
+        if "probe question" not in text or "probe answer" not in text:
+            raise ValueError(
+                f"the chat template renders no conversation turns (a test conversation became {text[:80]!r}): "
+                "pass a template that writes each message's content, or 'llava_v1'"
+            )
+
     def _image_paths(self, record: dict) -> list[Path]:
         """The record's image files (``image`` is one path, a list of paths, or absent for text-only records)."""
         images = record.get("image")
@@ -143,6 +169,9 @@ class LlavaConversationDataset(Dataset):
         dialogue = roles[1:] if roles[0] == "system" else roles
         if not dialogue or dialogue != ["user", "assistant"] * (len(dialogue) // 2):
             return f"roles {roles} do not alternate human/gpt, from human (after an optional system turn) to gpt"
+        empty = [k for k, (t, r) in enumerate(zip(turns, roles)) if r == "assistant" and not t["value"].strip()]
+        if empty:
+            return f"turn {empty[0]} (gpt) is an empty answer"
         if any(IMAGE_PLACEHOLDER in t["value"] for t, r in zip(turns, roles) if r != "user"):
             return f"{IMAGE_PLACEHOLDER!r} appears outside a human turn"
         images = record.get("image")
@@ -223,6 +252,28 @@ class LlavaConversationDataset(Dataset):
         return spans
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Record ``i`` encoded. Under ``on_error="skip"`` a record found bad only now (an unreadable image, more
+        tokens than ``max_length``) is reported by id and the next usable record is given in its place, the same
+        way on every pass and restart; under ``"raise"`` it raises ValueError naming it."""
+        if self.on_error == "raise":
+            return self._encode(i)
+        first = None
+        for offset in range(len(self.records)):
+            j = (i + offset) % len(self.records)
+            if j in self._unusable:
+                continue
+            try:
+                return self._encode(j)
+            except _BadRecord as error:
+                first = first or error
+                self._unusable.add(j)
+                self.skipped.append((self.ids[j], error.reason))
+                logger.warning(
+                    f"Skipping record {self.ids[j]!r}: {error.reason} (the next usable record takes its place)"
+                )
+        raise ValueError(f"{first or 'every record failed when encoded'}; no usable record is left")
+
+    def _encode(self, i: int) -> dict[str, torch.Tensor]:
         record, record_id = self.records[i], self.ids[i]
         images = []
         for path in self._image_paths(record):
@@ -230,7 +281,7 @@ class LlavaConversationDataset(Dataset):
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
             except Exception as e:  # PIL raises several types; all mean "this file is not a usable image"
-                raise ValueError(f"record {record_id!r}: cannot read image {path}: {e}") from e
+                raise _BadRecord(record_id, f"cannot read image {path}: {e}") from e
         messages = self._messages(record)
         text = self._render(messages)
         encoded = self.processor(
@@ -243,7 +294,7 @@ class LlavaConversationDataset(Dataset):
         )
         input_ids = encoded["input_ids"][0]
         if self.max_length is not None and len(input_ids) > self.max_length:
-            raise ValueError(f"record {record_id!r}: {len(input_ids)} tokens > max_length={self.max_length}")
+            raise _BadRecord(record_id, f"{len(input_ids)} tokens > max_length={self.max_length}")
         # Offsets refer to the text after image expansion; shift the spans by the characters that expansion added.
         replacements = encoded["text_replacement_offsets"][0]
         token_start, token_end = encoded["offset_mapping"][0].unbind(-1)
@@ -262,6 +313,14 @@ class LlavaConversationDataset(Dataset):
         if images:
             item["pixel_values"] = encoded["pixel_values"]
         return item
+
+
+class _BadRecord(ValueError):
+    """A record found unusable only when encoded; the message names it."""
+
+    def __init__(self, record_id, reason: str):
+        super().__init__(f"record {record_id!r}: {reason}")
+        self.reason = reason
 
 
 class LlavaCollator:

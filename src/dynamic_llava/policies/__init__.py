@@ -4,7 +4,7 @@ The engine that applies a policy (gather, cache, masks) is `modeling.py`; see `b
 questions a policy answers.
 """
 
-from .base import PolicyContext, TextSlots, TokenPolicy, layer_keys, query_attention
+from .base import PolicyContext, TextSlots, TokenPolicy, check_policy, layer_keys, query_attention
 from .cdpruner import CDPrunerPolicy
 from .dart import DARTPolicy
 from .fastv import FastVPolicy
@@ -24,6 +24,7 @@ __all__ = [
     "StreamingLLMPolicy",
     "TextSlots",
     "TokenPolicy",
+    "check_policy",
     "layer_keys",
     "query_attention",
 ]

@@ -24,6 +24,8 @@ from typing import ClassVar
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from ..validation import check_rate
+
 
 @dataclass
 class PolicyContext:
@@ -83,6 +85,13 @@ class TokenPolicy:
     evicts_text: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise `TypeError` / `ValueError` for parameters that cannot work (at construction and before each use)."""
+        check_optional_rate("image_keep_rate", self.image_keep_rate)
+
     def image_scores(
         self, model, hidden: torch.Tensor, positions: torch.Tensor, context: PolicyContext
     ) -> torch.Tensor | None:
@@ -100,6 +109,29 @@ class TokenPolicy:
         Must be monotone: a token evicted for a query stays evicted for every later query.
         """
         return None
+
+
+def check_policy(policy) -> None:
+    """Raise `TypeError` unless ``policy`` is None or a `TokenPolicy` instance (not a name, not a class), and
+    whatever its own `check` raises."""
+    if isinstance(policy, TokenPolicy):
+        policy.check()  # its parameters may have been changed since it was made
+        return
+    if policy is None:
+        return
+    if isinstance(policy, type) and issubclass(policy, TokenPolicy):
+        raise TypeError(f"sparsity_policy={policy.__name__}: expected an instance; pass {policy.__name__}().")
+    raise TypeError(
+        f"sparsity_policy={policy!r}: expected a TokenPolicy instance (LearnedPolicy(), FastVPolicy(), "
+        "CDPrunerPolicy(), DARTPolicy(), RandomPolicy(...), StreamingLLMPolicy(...), H2OPolicy(...)), not a "
+        f"{type(policy).__name__}."
+    )
+
+
+def check_optional_rate(name: str, value) -> None:
+    """A policy's keep rate: None (the model config's) or a finite number in (0, 1]."""
+    if value is not None:
+        check_rate(name, value, "None uses the model config's rate")
 
 
 def layer_keys(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -131,4 +163,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return apply_rotary_pos_emb(x, x[:, :0], cos, sin)[0]
 
 
-__all__ = ["PolicyContext", "TextSlots", "TokenPolicy", "layer_keys", "query_attention"]
+__all__ = [
+    "PolicyContext",
+    "TextSlots",
+    "TokenPolicy",
+    "check_optional_rate",
+    "check_policy",
+    "layer_keys",
+    "query_attention",
+]

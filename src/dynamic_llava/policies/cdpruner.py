@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_number
 from .base import TokenPolicy
 
 
@@ -53,6 +54,10 @@ class CDPrunerPolicy(TokenPolicy):
 
     image_keep_rate: float | None = None
     theta: float = 0.5
+
+    def check(self) -> None:
+        super().check()
+        check_number("theta", self.theta, 0.0, 1.0, hint="0 ranks by diversity alone, 1 weighs relevance fully")
 
     def image_scores(self, model, hidden, positions, context):
         if context.inputs_embeds is None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_integer
 from .base import TokenPolicy, layer_keys
 
 
@@ -28,6 +29,11 @@ class DARTPolicy(TokenPolicy):
     image_keep_rate: float | None = None
     image_pivots: int = 4
     text_pivots: int = 4
+
+    def check(self) -> None:
+        super().check()
+        check_integer("image_pivots", self.image_pivots, 1, hint="each image needs a pivot to measure duplication")
+        check_integer("text_pivots", self.text_pivots, 0)
 
     def image_scores(self, model, hidden, positions, context):
         if context.hidden is None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_integer
 from .base import TokenPolicy
 
 
@@ -35,9 +36,10 @@ class H2OPolicy(TokenPolicy):
     evicts_text = True
     needs_attention = True
 
-    def __post_init__(self):
-        if self.heavy < 0 or self.recent < 1:
-            raise ValueError(f"heavy={self.heavy} must be >= 0 and recent={self.recent} >= 1.")
+    def check(self) -> None:
+        super().check()
+        check_integer("heavy", self.heavy, 0)
+        check_integer("recent", self.recent, 1, hint="the newest token always sees itself")
 
     def text_evict(self, model, slots):
         if slots.attention is None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_integer, check_rate
 from .base import TokenPolicy
 
 
@@ -36,6 +37,12 @@ class RandomPolicy(TokenPolicy):
     image_keep_rate: float | None = None
     text_keep_rate: float | None = None
     seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        if self.text_keep_rate is not None:
+            check_rate("text_keep_rate", self.text_keep_rate, "None keeps every generated token")
+        check_integer("seed", self.seed)
 
     def image_scores(self, model, hidden, positions, context):
         return _position_hash(positions, self.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..validation import check_integer
 from .base import TokenPolicy
 
 
@@ -26,9 +27,9 @@ class StreamingLLMPolicy(TokenPolicy):
     window: int = 256
     evicts_text = True
 
-    def __post_init__(self):
-        if self.window < 1:
-            raise ValueError(f"window={self.window} must be >= 1 (the newest token always sees itself).")
+    def check(self) -> None:
+        super().check()
+        check_integer("window", self.window, 1, hint="the newest token always sees itself")
 
     def text_evict(self, model, slots):
         return slots.ages >= self.window

@@ -6,25 +6,43 @@ the distributed environment). A run whose output folder holds checkpoints resume
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from transformers import AutoProcessor, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..checkpoints import check_checkpoint_folder
+from ..config import SPARSITY_FIELDS, DynamicLlavaConfig
 from ..data import LLAVA_V1_CHAT_TEMPLATE, LlavaCollator, LlavaConversationDataset
 from ..modeling import DynamicLlavaForConditionalGeneration
-from .trainer import DynamicLlavaTrainer, is_predictor_parameter
+from ..validation import check_bool, check_integer, check_number, invalid
+from .trainer import (
+    RUN_FILE,
+    DynamicLlavaTrainer,
+    NonFiniteError,
+    is_predictor_parameter,
+    is_write_failure,
+    non_finite_tensors,
+    save_failure,
+)
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 FINAL_DIR = "final"
+PREVIOUS_DIR = "previous"  # where a restart moves the checkpoints and final model of the run it replaces
 
 
 @dataclass
@@ -76,20 +94,133 @@ class TrainingRecipe:
     sparsity: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        """Raise a clear error for settings or paths that cannot work, before anything is loaded."""
+        """Raise a clear error for settings or paths that cannot work, before any weights are loaded."""
         if self.trainable not in ("predictors", "full", "lora"):
             raise ValueError(f"trainable={self.trainable!r}: choose 'predictors', 'full' or 'lora'.")
-        for name in ("model", "images"):
-            if not os.path.isdir(getattr(self, name)):
-                raise FileNotFoundError(f"{name} folder not found: {getattr(self, name)}")
-        if not os.path.isfile(self.data):
-            raise FileNotFoundError(f"data file not found: {self.data}")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1.")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError("Give max_steps > 0 or epochs > 0.")
         if self.on_bad_record not in ("skip", "raise"):
             raise ValueError(f"on_bad_record={self.on_bad_record!r}: choose 'skip' or 'raise'.")
+        if not os.path.exists(self.model):
+            raise FileNotFoundError(f"model folder not found: {self.model}")
+        check_checkpoint_folder(self.model)  # a file, or a folder without config.json
+        if not os.path.isdir(self.images):
+            raise FileNotFoundError(f"images folder not found: {self.images}")
+        if not os.path.isfile(self.data):
+            raise FileNotFoundError(f"data file not found: {self.data}")
+        for name in ("learning_rate", "predictor_learning_rate", "lora_alpha"):
+            check_number(name, getattr(self, name), 0.0, low_open=True)
+        check_number("epochs", self.epochs, 0.0)
+        check_integer("max_steps", self.max_steps, hint="-1 trains for --epochs")
+        for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "lora_rank"):
+            check_integer(name, getattr(self, name), 1)
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"max_steps={self.max_steps} and epochs={self.epochs}: give max_steps > 0 or epochs > 0.")
+        check_number("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_number("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        check_number("max_grad_norm", self.max_grad_norm, 0.0, hint="0 turns clipping off")
+        check_integer("seed", self.seed, 0)
+        for name in ("save_total_limit", "max_length"):
+            if getattr(self, name) is not None:
+                check_integer(name, getattr(self, name), 1)
+        for name in ("freeze_projector", "image_only", "gradient_checkpointing", "bf16", "resume"):
+            check_bool(name, getattr(self, name))
+        template = self.chat_template
+        if template is not None and (not isinstance(template, str) or not template.strip()):
+            raise invalid("chat_template", template, "'llava_v1', a Jinja template, or None (the processor's)")
+        if not isinstance(self.sparsity, dict):
+            raise invalid("sparsity", self.sparsity, "a dict of config settings", kind=TypeError)
+        unknown = sorted(set(self.sparsity) - set(SPARSITY_FIELDS))
+        if unknown:
+            raise ValueError(f"sparsity has unknown settings {unknown}: choose from {list(SPARSITY_FIELDS)}.")
+        if self.trainable == "lora" and importlib.util.find_spec("peft") is None:
+            raise ValueError("trainable='lora' needs the peft package: pip install peft.")
+        self._check_deepspeed()
+        self._check_output_dir()
+        config = DynamicLlavaConfig.from_pretrained(self.model, **self.sparsity)  # checks the overrides
+        context = config.text_config.max_position_embeddings
+        if self.max_length is not None and self.max_length > context:
+            raise invalid("max_length", self.max_length, f"an integer in [1, {context}]",
+                          "the model's context (text_config.max_position_embeddings)")
+
+    def _check_deepspeed(self) -> None:
+        if self.deepspeed is None:
+            return
+        if not os.path.isfile(self.deepspeed):
+            raise FileNotFoundError(
+                f"DeepSpeed config not found: {self.deepspeed} (e.g. configs/deepspeed_zero2.json)."
+            )
+        try:
+            with open(self.deepspeed, encoding="utf-8") as f:
+                json.load(f)
+        except ValueError as error:
+            raise ValueError(f"DeepSpeed config {self.deepspeed} is not valid JSON: {error}.") from error
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(f"--deepspeed {self.deepspeed} needs the deepspeed package: pip install deepspeed.")
+
+    def _check_output_dir(self) -> None:
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise NotADirectoryError(f"output folder {self.output_dir} is a file: pass a folder.")
+        parent = self.output_dir
+        while not os.path.exists(parent) and os.path.dirname(os.path.abspath(parent)) != os.path.abspath(parent):
+            parent = os.path.dirname(os.path.abspath(parent))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"output folder {self.output_dir} cannot be written ({parent} is not writable).")
+
+    def fingerprint(self) -> dict:
+        """What makes two runs the same run: the model, the data and the settings that shape the result."""
+        settings = {name: getattr(self, name) for name in RUN_SETTINGS}
+        settings["chat_template"] = self.chat_template
+        settings["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+        return json.loads(json.dumps({
+            "model": os.path.abspath(self.model),
+            "model_config_sha256": _sha256(os.path.join(self.model, "config.json")),
+            "data": os.path.abspath(self.data),
+            "data_sha256": _sha256(self.data),
+            "images": os.path.abspath(self.images),
+            "settings": settings,
+        }))
+
+
+# Recipe fields that change what a run computes (not where or how often it saves or logs).
+RUN_SETTINGS = (
+    "trainable", "freeze_projector", "image_only", "learning_rate", "predictor_learning_rate", "epochs", "max_steps",
+    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "seed", "bf16", "lora_rank",
+    "lora_alpha", "lora_dropout", "on_bad_record", "max_length", "sparsity",
+)
+
+
+def _sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (remembered while the file keeps its size and modification time)."""
+    stat = os.stat(path)
+    return _sha256_of(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'name: saved -> current' for each entry that differs between two fingerprints."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, _UNSET), current.get(key, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {_short(a)} there, {_short(b)} now")
+    return out
+
+
+_UNSET = object()
+
+
+def _short(value) -> str:
+    text = "unset" if value is _UNSET else repr(value)
+    return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
 
 
 def load_model(recipe: TrainingRecipe) -> DynamicLlavaForConditionalGeneration:
@@ -130,7 +261,7 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
     config = model.config
     dataset = LlavaConversationDataset(
         recipe.data, recipe.images, processor, min_answer_tokens=config.min_answer_tokens,
-        on_error=recipe.on_bad_record, max_length=recipe.max_length,
+        on_error=recipe.on_bad_record, max_length=recipe.max_length or config.text_config.max_position_embeddings,
         chat_template=LLAVA_V1_CHAT_TEMPLATE if recipe.chat_template == "llava_v1" else recipe.chat_template,
     )
     cuda = torch.cuda.is_available()
@@ -163,6 +294,7 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
         train_dataset=dataset,
         data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
         predictor_learning_rate=recipe.predictor_learning_rate,
+        run_fingerprint=recipe.fingerprint(),
         callbacks=callbacks,
         processing_class=processor,
     )
@@ -170,15 +302,33 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
 
 
 def save_final(trainer: DynamicLlavaTrainer, output_dir: str) -> str:
-    """Write the trained model (LoRA merged) and its processor to `output_dir/final`, atomically."""
+    """Write the trained model (LoRA merged), its processor and run.json to `output_dir/final`, atomically.
+
+    Refuses (NonFiniteError) a model with NaN or infinite weights: a ruined model is never saved as a result."""
     final = os.path.join(output_dir, FINAL_DIR)
     if trainer.args.should_save:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
+        ruined = non_finite_tensors(model)
+        if ruined:
+            raise NonFiniteError(
+                f"The trained model has NaN or infinite values in {len(ruined)} tensors (first: {ruined[0]}): "
+                f"{final} is not written. Lower the learning rates or --budget-weight and start over (--restart)."
+            )
         staging = tempfile.mkdtemp(prefix=".final-", dir=output_dir)
-        model.save_pretrained(staging)
-        trainer.processing_class.save_pretrained(staging)
+        try:
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the model folder is not
+            model.save_pretrained(staging)
+            trainer.processing_class.save_pretrained(staging)
+            if trainer.run_fingerprint is not None:
+                with open(os.path.join(staging, RUN_FILE), "w") as f:
+                    json.dump({**trainer.run_fingerprint, "steps": trainer.state.global_step}, f, indent=2)
+        except (OSError, RuntimeError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not is_write_failure(error):
+                raise
+            raise save_failure(final, error) from error
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -186,14 +336,95 @@ def save_final(trainer: DynamicLlavaTrainer, output_dir: str) -> str:
     return final
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read_run(folder: str) -> dict | None:
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_same_run(folder: str, current: dict) -> None:
+    """Refuse to continue from `folder` (a checkpoint or final model) unless it was written by this very run."""
+    saved = _read_run(folder)
+    hint = ("Run the command that made it to resume, use another output folder, or pass --restart (Python: "
+            f"resume=False) to start over (the old run is moved to {PREVIOUS_DIR}/).")
+    if saved is None:
+        raise ValueError(f"{folder} has no {RUN_FILE}, so it cannot be told apart from another run's. {hint}")
+    saved = {k: v for k, v in saved.items() if k != "steps"}
+    differences = fingerprint_differences(saved, current)
+    if differences:
+        raise ValueError(f"{folder} belongs to another run ({'; '.join(differences[:4])}). {hint}")
+
+
+def _move_previous_run(output_dir: str) -> None:
+    """Start over: move the checkpoints and final model of the run there into OUTPUT_DIR/previous (one kept)."""
+    entries = [e for e in os.listdir(output_dir) if e == FINAL_DIR or re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", e)]
+    if not entries:
+        return
+    previous = os.path.join(output_dir, PREVIOUS_DIR)
+    if os.path.exists(previous):
+        shutil.rmtree(previous)
+    os.makedirs(previous)
+    for entry in entries:
+        os.replace(os.path.join(output_dir, entry), os.path.join(previous, entry))
+    logger.warning(f"Starting over: moved {', '.join(sorted(entries))} of the earlier run to {previous}")
+
+
+def _finished_steps(checkpoint: str | None) -> int | None:
+    """The step count of `checkpoint` if it is the last step of its run (None otherwise, or without one)."""
+    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        return None
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    steps, planned = state.get("global_step", 0), state.get("max_steps", 0)
+    return steps if planned and steps >= planned else None
+
+
 def train(recipe: TrainingRecipe, callbacks=None) -> str:
-    """Fine-tune as the recipe says; returns the folder of the trained model (loadable by from_pretrained)."""
-    trainer = build_trainer(recipe, callbacks)
+    """Fine-tune as the recipe says; returns the folder of the trained model (loadable by from_pretrained).
+
+    A run whose output folder holds its own checkpoints resumes from the newest; another run's are refused
+    (``resume=False`` moves them aside and starts over); a run that already finished returns its final model."""
+    recipe.check()
+    final = os.path.join(recipe.output_dir, FINAL_DIR)
+    current = recipe.fingerprint()
+    if recipe.resume and os.path.isdir(final):
+        _check_same_run(final, current)
+        logger.warning(f"{final} already holds this run's trained model: nothing to do.")
+        return final
+    if not recipe.resume and os.path.isdir(recipe.output_dir) and (os.environ.get("RANK", "0") == "0"):
+        _move_previous_run(recipe.output_dir)
     last = get_last_checkpoint(recipe.output_dir) if recipe.resume and os.path.isdir(recipe.output_dir) else None
     if last:
+        _check_same_run(last, current)
+    trainer = build_trainer(recipe, callbacks)
+    done = _finished_steps(last)
+    if done is not None:  # stopped after its last checkpoint, before final/: only the final save is left
+        logger.warning(f"{last} is the end of this run ({done} steps): writing {final} from it without training.")
+        trainer._load_from_checkpoint(last)
+        trainer.state.global_step = done
+        return save_final(trainer, recipe.output_dir)
+    if last:
         logger.warning(f"Resuming from {last}")
+    started = time.monotonic()
     trainer.train(resume_from_checkpoint=last)
+    logger.info(f"Trained {trainer.state.global_step} steps in {time.monotonic() - started:.0f} s")
     return save_final(trainer, recipe.output_dir)
 
 
-__all__ = ["TrainingRecipe", "build_trainer", "load_model", "save_final", "train"]
+__all__ = [
+    "NonFiniteError",
+    "TrainingRecipe",
+    "build_trainer",
+    "fingerprint_differences",
+    "load_model",
+    "save_final",
+    "train",
+]

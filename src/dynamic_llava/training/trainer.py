@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 STAGING_DIR = ".staging"
+RUN_FILE = "run.json"  # the run's fingerprint, written into every checkpoint and the final model
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN / infinite loss, gradient or weight: the run stops and nothing ruined is saved."""
+
+
+def non_finite_tensors(model) -> list[str]:
+    """Names of the model's parameters and buffers that hold a NaN or an infinity."""
+    return [
+        name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def free_space(path: str) -> str:
+    """Free space on the disk holding ``path`` (or its nearest existing parent), e.g. '1.2 GiB'."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown"
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """An OSError, or the RuntimeError torch's zip writer raises when a write comes up short (full disk)."""
+    signs = ("unexpected pos", "PytorchStreamWriter", "write")
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and any(s in str(error) for s in signs))
+
+
+def save_failure(path: str, error: BaseException) -> OSError:
+    """The error for a save of ``path`` that failed: names the path, the cause and the free space left."""
+    return OSError(
+        f"Saving {path} failed: {error} ({free_space(path)} free on that disk). The previous checkpoint is intact; "
+        "free some space (or choose another output folder) and run the same command again to resume."
+    )
 
 
 def gumbel_temperature(step: int, max_steps: int, start: float = 1.0, end_factor: float = 0.1) -> float:
@@ -34,9 +73,10 @@ class DynamicLlavaTrainer(Trainer):
       saving leaves the previous checkpoint as the latest.
     """
 
-    def __init__(self, *args, predictor_learning_rate: float = 2e-4, **kwargs):
+    def __init__(self, *args, predictor_learning_rate: float = 2e-4, run_fingerprint: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.predictor_learning_rate = predictor_learning_rate
+        self.run_fingerprint = run_fingerprint  # written into each checkpoint as run.json
         self.loss_is_scaled_for_ga = True
         self._metric_sums: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last log
         self._staging = False
@@ -53,8 +93,30 @@ class DynamicLlavaTrainer(Trainer):
         weight = self.accelerator.unwrap_model(model).config.budget_weight
         loss = lm_loss + weight * outputs.budget_loss / self.current_gradient_accumulation_steps
         if model.training:
+            if not bool(torch.isfinite(loss.detach())):
+                self._stop(f"the loss is {float(loss.detach())} (lm_loss={float(outputs.lm_loss.detach())}, "
+                           f"budget_loss={float(outputs.budget_loss.detach())})")
             self._track(outputs, tau)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-batch forward and backward; stops the run if a gradient is NaN or infinite."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self.is_deepspeed_enabled:  # DeepSpeed keeps gradients in its own buffers
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                self._stop("a gradient is NaN or infinite")
+        return loss
+
+    def _stop(self, what: str, step: int | None = None) -> None:
+        """Raise NonFiniteError for optimizer step ``step`` (default: the one being computed)."""
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        step = self.state.global_step + 1 if step is None else step
+        raise NonFiniteError(
+            f"Training stopped at step {step}: {what}; {kept}. Lower the learning rates "
+            "(--learning-rate, --predictor-learning-rate) or --budget-weight, or enable --max-grad-norm."
+        )
 
     def _track(self, outputs, tau: float) -> None:
         values = {"lm_loss": outputs.lm_loss, "budget_loss": outputs.budget_loss, "tau": tau}
@@ -115,9 +177,22 @@ class DynamicLlavaTrainer(Trainer):
         staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
         if self.args.should_save and os.path.exists(staged):
             shutil.rmtree(staged)  # left over from a run killed while saving
+        ruined = non_finite_tensors(self.accelerator.unwrap_model(self.model))
+        if ruined:
+            self._stop(f"{len(ruined)} weight tensors hold NaN or infinite values (first: {ruined[0]}), so no "
+                       "checkpoint is saved", step=self.state.global_step)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.run_fingerprint is not None:
+                with open(os.path.join(staged, RUN_FILE), "w") as f:
+                    json.dump(self.run_fingerprint, f, indent=2)
+        except (OSError, RuntimeError) as error:
+            if not is_write_failure(error):
+                raise
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)  # give the space back; the previous checkpoint stays
+            raise save_failure(staged, error) from error
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()
@@ -134,4 +209,12 @@ class DynamicLlavaTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
-__all__ = ["DynamicLlavaTrainer", "gumbel_temperature", "is_predictor_parameter"]
+__all__ = [
+    "DynamicLlavaTrainer",
+    "NonFiniteError",
+    "RUN_FILE",
+    "gumbel_temperature",
+    "is_predictor_parameter",
+    "non_finite_tensors",
+    "save_failure",
+]
