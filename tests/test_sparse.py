@@ -187,3 +187,31 @@ def test_sampling_beam_search_and_streamer():
     streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:]])
     assert torch.equal(streamed, out[0, ids.shape[1] :])
     assert streamer.ended
+
+
+@pytest.mark.parametrize("mode", ["beams", "return_sequences"])
+def test_several_images_per_prompt_with_beams_equal_stock(mode):
+    """generate() encodes the images before repeating the inputs per beam / returned sequence (two images per
+    prompt: repeating pixel_values would pair beams with the wrong images)."""
+    model = tiny_dynamic(image_keep_rate=1.0, text_keep_rate=1.0)
+    stock = stock_copy(model)
+    ids, mask, pixels = make_prompts([3, 1, 2], [2, 4, 1], images_per_prompt=2, seed=5)
+    extra = dict(num_beams=3) if mode == "beams" else dict(num_beams=2, num_return_sequences=2)
+    common = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6, min_new_tokens=6,
+                  do_sample=False, suppress_tokens=[IMAGE_TOKEN], output_scores=True, return_dict_in_generate=True,
+                  **extra)
+    with torch.no_grad():
+        ours, theirs = model.generate(**common), stock.generate(**common)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.scores, theirs.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    pruned = tiny_dynamic()  # with pruning, each beam still equals its prompt run alone
+    with torch.no_grad():
+        batched = pruned.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
+                                  min_new_tokens=6, do_sample=False, suppress_tokens=[IMAGE_TOKEN], num_beams=3)
+        for i in range(3):
+            n = int(mask[i].sum())
+            single = pruned.generate(input_ids=ids[i : i + 1, -n:], attention_mask=mask[i : i + 1, -n:],
+                                     pixel_values=pixels[2 * i : 2 * i + 2], max_new_tokens=6, min_new_tokens=6,
+                                     do_sample=False, suppress_tokens=[IMAGE_TOKEN], num_beams=3)
+            assert torch.equal(single[0, n:], batched[i, ids.shape[1] :])

@@ -591,6 +591,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         gumbel_tau: float = 1.0,
         keep_override: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> LlavaCausalLMOutputWithPast:
         """Same as `LlavaForConditionalGeneration.forward`, sparsified.
@@ -605,7 +606,14 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         cross-entropy plus `budget_weight * (R_I + R_OT)`. `answer_mask` marks the answer tokens the
         output-text predictor may drop; `gumbel_tau` is the Gumbel-Softmax temperature;
         `keep_override` ([B, N], 1 = keep) replaces the predictors' decisions.
+
+        `mm_encoder_outputs` (image features encoded beforehand) is named here so that `generate()` encodes
+        the images before it repeats the inputs per beam or per returned sequence, as it does for the stock
+        class: repeating `pixel_values` instead would hand each beam the wrong images when prompts hold
+        several.
         """
+        if mm_encoder_outputs is not None:
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
         self.config.check_sparsity()
         check_policy(sparsity_policy)
         if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
