@@ -620,6 +620,18 @@ def test_no_records_are_left_out_silently(env, caplog):
     assert "empty-answer" in caplog.text
 
 
+def test_a_bad_setting_in_config_json_names_the_folder_and_an_override_can_fix_it(env):
+    folder = env.root / "zero-rate"
+    folder.mkdir()
+    for file in env.model_dir.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_keep_rate": 0}))
+    with pytest.raises(ValueError, match=rf"config.json in {folder}: image_keep_rate=0: {RATE}"):
+        DynamicLlavaForConditionalGeneration.from_pretrained(folder)
+    assert DynamicLlavaForConditionalGeneration.from_pretrained(folder, image_keep_rate=0.5).config.image_keep_rate == 0.5
+
+
 def test_refused_assignment_keeps_the_old_value():
     model = tiny_dynamic()
     with pytest.raises(ValueError):
