@@ -609,6 +609,22 @@ def test_bench_refuses_before_running_anything(env, monkeypatch):
     assert not (env.root / "results").exists()
 
 
+def test_an_unforeseen_failure_is_one_line_with_the_traceback_on_request(env, monkeypatch):
+    import dynamic_llava.benchmarking as benchmarking
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory\nwhile decoding")
+
+    monkeypatch.setattr(benchmarking, "run_speed", broken)
+    argv = ["bench", "--models", "wide", "--output", str(env.root / "unforeseen")]
+    outcome = CliRunner().invoke(app, argv)
+    lines = [line for line in outcome.output.splitlines() if line.strip()]
+    assert outcome.exit_code == 1 and "Traceback" not in outcome.output
+    assert lines == ["Error: RuntimeError: out of memory while decoding (set DYNAMIC_LLAVA_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("DYNAMIC_LLAVA_DEBUG", "1")
+    assert isinstance(CliRunner().invoke(app, argv).exception, RuntimeError)
+
+
 def test_case_count():
     assert len(API_CASES) + len(CLI_CASES) >= 80
     assert len({c[0] for c in API_CASES}) == len(API_CASES) and len({c[0] for c in CLI_CASES}) == len(CLI_CASES)
