@@ -17,6 +17,7 @@ import torch
 from tiny import make_prompts, tiny_config_kwargs, tiny_dynamic
 from tiny_processor import GOOD_RECORDS, tiny_processor
 from training_setup import recipe_for, write_world
+from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from dynamic_llava import (
@@ -455,6 +456,12 @@ API_CASES = [
     ),
     ("only empty answers", dataset_with([EMPTY_ANSWER]), ValueError, r"no usable record: .*empty-answer.*empty answer"),
     # ---- cost model and benchmark settings
+    (
+        "costs of a text-only config",
+        lambda env: estimate(LlamaConfig()),
+        TypeError,
+        r"config must be a LLaVA config \(with text_config and vision_config\), got LlamaConfig",
+    ),
     ("costs dtype bytes 0", costs_with(dtype_bytes=0), ValueError, r"dtype_bytes=0: expected an integer >= 1"),
     ("costs dtype bytes -2", costs_with(dtype_bytes=-2), ValueError, r"dtype_bytes=-2"),
     ("costs negative tokens", costs_with(new_tokens=-5), ValueError, r"new_tokens=-5: expected an integer >= 0"),

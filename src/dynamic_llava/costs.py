@@ -189,6 +189,11 @@ def estimate(config, text_tokens: int = 40, new_tokens: int = 0, image_keep_rate
     kept tokens), and KV-cache bytes per layer at the end. Generated tokens are assumed kept at
     `text_keep_rate` (the training target; the trained predictor decides at run time).
     """
+    if not (hasattr(config, "text_config") and hasattr(config, "vision_config")):
+        raise TypeError(
+            f"config must be a LLaVA config (with text_config and vision_config), got {type(config).__name__}: "
+            "load one with DynamicLlavaConfig.from_pretrained(path)."
+        )
     for name, value in (("text_tokens", text_tokens), ("new_tokens", new_tokens), ("images", images)):
         check_integer(name, value, 0)
     check_integer("dtype_bytes", dtype_bytes, 1, hint="2 for fp16/bf16, 4 for fp32")
