@@ -111,6 +111,12 @@ def test_foreign_checkpoint_is_refused_and_restart_moves_it_aside(world):
     ):
         train(other)
     assert checkpoints(world / "shared") == ["checkpoint-1"]  # untouched
+    run_file = world / "shared" / "checkpoint-1" / "run.json"
+    kept = run_file.read_text()
+    run_file.write_text(kept[: len(kept) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint-1/run.json is damaged .*--restart"):
+        train(first)
+    run_file.write_text(kept)
     other.resume = False
     final = train(other)
     saved = json.loads((world / "shared" / "final" / "run.json").read_text())
