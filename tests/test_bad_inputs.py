@@ -693,3 +693,13 @@ def test_loading_messages_name_the_file(env):
     with pytest.raises(OSError) as caught:
         DynamicLlavaForConditionalGeneration.from_pretrained(Path(env.root / "zero"))
     assert str(env.root / "zero" / "model.safetensors") in str(caught.value)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.3, 0.7, 1.0])
+def test_cost_estimate_keeps_as_many_image_tokens_as_the_engine(env, rate):
+    from dynamic_llava import SparsityStats
+
+    model = tiny_dynamic(image_keep_rate=rate)
+    stats = SparsityStats()
+    model(**env.inputs, sparsity_stats=stats)
+    assert stats.summary()["image_tokens_kept"] == [estimate(model.config)["image_tokens_kept"]]

@@ -23,6 +23,8 @@ and ``vocab_size`` from a text config (``config.text_config`` of a `DynamicLlava
 
 from __future__ import annotations
 
+import math
+
 from .validation import check_integer, check_rate
 
 # ----------------------------------------------------------------------------- paper convention
@@ -207,7 +209,9 @@ def estimate(config, text_tokens: int = 40, new_tokens: int = 0, image_keep_rate
     v = config.vision_config
     per_image = getattr(config, "image_seq_length", None) or (v.image_size // v.patch_size) ** 2
     image_tokens = images * per_image
-    kept_image = images * int(image_keep_rate * per_image)
+    # as the engine keeps them: floor(rate * tokens) per image, at least one
+    kept_per_image = per_image if image_keep_rate >= 1.0 else max(1, math.floor(image_keep_rate * per_image + 1e-6))
+    kept_image = images * kept_per_image
     prompt = text_tokens + image_tokens
     kept_prompt = text_tokens + kept_image
     layers = text.num_hidden_layers
