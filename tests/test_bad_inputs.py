@@ -17,6 +17,7 @@ import torch
 from tiny import make_prompts, tiny_config_kwargs, tiny_dynamic
 from tiny_processor import GOOD_RECORDS, tiny_processor
 from training_setup import recipe_for, write_world
+from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from dynamic_llava import (
@@ -455,6 +456,12 @@ API_CASES = [
     ),
     ("only empty answers", dataset_with([EMPTY_ANSWER]), ValueError, r"no usable record: .*empty-answer.*empty answer"),
     # ---- cost model and benchmark settings
+    (
+        "costs of a text-only config",
+        lambda env: estimate(LlamaConfig()),
+        TypeError,
+        r"config must be a LLaVA config \(with text_config and vision_config\), got LlamaConfig",
+    ),
     ("costs dtype bytes 0", costs_with(dtype_bytes=0), ValueError, r"dtype_bytes=0: expected an integer >= 1"),
     ("costs dtype bytes -2", costs_with(dtype_bytes=-2), ValueError, r"dtype_bytes=-2"),
     ("costs negative tokens", costs_with(new_tokens=-5), ValueError, r"new_tokens=-5: expected an integer >= 0"),
@@ -609,6 +616,22 @@ def test_bench_refuses_before_running_anything(env, monkeypatch):
     assert not (env.root / "results").exists()
 
 
+def test_an_unforeseen_failure_is_one_line_with_the_traceback_on_request(env, monkeypatch):
+    import dynamic_llava.benchmarking as benchmarking
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory\nwhile decoding")
+
+    monkeypatch.setattr(benchmarking, "run_speed", broken)
+    argv = ["bench", "--models", "wide", "--output", str(env.root / "unforeseen")]
+    outcome = CliRunner().invoke(app, argv)
+    lines = [line for line in outcome.output.splitlines() if line.strip()]
+    assert outcome.exit_code == 1 and "Traceback" not in outcome.output
+    assert lines == ["Error: RuntimeError: out of memory while decoding (set DYNAMIC_LLAVA_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("DYNAMIC_LLAVA_DEBUG", "1")
+    assert isinstance(CliRunner().invoke(app, argv).exception, RuntimeError)
+
+
 def test_case_count():
     assert len(API_CASES) + len(CLI_CASES) >= 80
     assert len({c[0] for c in API_CASES}) == len(API_CASES) and len({c[0] for c in CLI_CASES}) == len(CLI_CASES)
@@ -618,6 +641,18 @@ def test_no_records_are_left_out_silently(env, caplog):
     dataset = LlavaConversationDataset([EMPTY_ANSWER, *GOOD_RECORDS], env.images, env.processor)
     assert dataset.skipped == [("empty-answer", "turn 1 (gpt) is an empty answer")]
     assert "empty-answer" in caplog.text
+
+
+def test_a_bad_setting_in_config_json_names_the_folder_and_an_override_can_fix_it(env):
+    folder = env.root / "zero-rate"
+    folder.mkdir()
+    for file in env.model_dir.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_keep_rate": 0}))
+    with pytest.raises(ValueError, match=rf"config.json in {folder}: image_keep_rate=0: {RATE}"):
+        DynamicLlavaForConditionalGeneration.from_pretrained(folder)
+    assert DynamicLlavaForConditionalGeneration.from_pretrained(folder, image_keep_rate=0.5).config.image_keep_rate == 0.5
 
 
 def test_refused_assignment_keeps_the_old_value():
@@ -658,3 +693,13 @@ def test_loading_messages_name_the_file(env):
     with pytest.raises(OSError) as caught:
         DynamicLlavaForConditionalGeneration.from_pretrained(Path(env.root / "zero"))
     assert str(env.root / "zero" / "model.safetensors") in str(caught.value)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.3, 0.7, 1.0])
+def test_cost_estimate_keeps_as_many_image_tokens_as_the_engine(env, rate):
+    from dynamic_llava import SparsityStats
+
+    model = tiny_dynamic(image_keep_rate=rate)
+    stats = SparsityStats()
+    model(**env.inputs, sparsity_stats=stats)
+    assert stats.summary()["image_tokens_kept"] == [estimate(model.config)["image_tokens_kept"]]

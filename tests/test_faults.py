@@ -111,6 +111,12 @@ def test_foreign_checkpoint_is_refused_and_restart_moves_it_aside(world):
     ):
         train(other)
     assert checkpoints(world / "shared") == ["checkpoint-1"]  # untouched
+    run_file = world / "shared" / "checkpoint-1" / "run.json"
+    kept = run_file.read_text()
+    run_file.write_text(kept[: len(kept) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint-1/run.json is damaged .*--restart"):
+        train(first)
+    run_file.write_text(kept)
     other.resume = False
     final = train(other)
     saved = json.loads((world / "shared" / "final" / "run.json").read_text())
@@ -282,3 +288,21 @@ def test_deepspeed_without_the_package_is_refused_before_loading(world, monkeypa
     with pytest.raises(ValueError, match=r"--deepspeed .*zero2.json needs the deepspeed package: pip install"):
         train(recipe_for(world, "deepspeed", deepspeed=str(config)))
     assert not (world / "deepspeed").exists()
+
+
+def test_non_finite_loss_on_one_process_stops_every_process(world, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "distributed_fault_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(worker),
+         str(world), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert "Training stopped at step 2: the loss is NaN or infinite on another process" in messages[0]
+    assert "Training stopped at step 2: the loss is nan" in messages[1]

@@ -11,8 +11,12 @@ from typer.core import TyperGroup
 from typer.core import _click  # the click that typer runs on (it ships its own)
 
 
+DEBUG_VARIABLE = "DYNAMIC_LLAVA_DEBUG"
+
+
 class _OneLineErrors(TyperGroup):
-    """Usage errors (a bad option value, a missing argument) print one line and exit 2, as `_fail` does."""
+    """Usage errors (a bad option value, a missing argument) print one line and exit 2, as `_fail` does; an
+    unforeseen failure prints one line and exits 1 (with the traceback when DYNAMIC_LLAVA_DEBUG is set)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -31,6 +35,13 @@ class _OneLineErrors(TyperGroup):
             sys.exit(error.exit_code)
         except typer.Abort:
             typer.secho("Aborted.", err=True)
+            sys.exit(1)
+        except Exception as error:  # a failure no check foresaw: one line, the traceback on request
+            if os.environ.get(DEBUG_VARIABLE):
+                raise
+            message = " ".join(str(error).split())
+            typer.secho(f"Error: {type(error).__name__}: {message} (set {DEBUG_VARIABLE}=1 for the traceback)",
+                        err=True, fg=typer.colors.RED)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 

@@ -161,8 +161,23 @@ class DynamicLlavaConfig(LlavaConfig):
         self.__dict__["_sparsity_ready"] = True
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.from_pretrained`; a refused setting (in config.json or an override) names the folder."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (TypeError, ValueError) as error:
+            if type(error) not in (TypeError, ValueError) or str(pretrained_model_name_or_path) in str(error):
+                raise
+            overrides = sorted(set(kwargs) & set(SPARSITY_FIELDS))
+            where = f"config.json in {pretrained_model_name_or_path}" + (
+                f" with overrides {', '.join(overrides)}" if overrides else ""
+            )
+            raise type(error)(f"{where}: {error}") from error
+
+    @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """Read a `dynamic_llava` config, or a plain `llava` one (which then gets default sparsity settings)."""
+        """Read a `dynamic_llava` config, or a plain `llava` one (which then gets default sparsity settings), with
+        sparsity-setting overrides merged in; refuse a config of another model type."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type")
         if model_type not in (LlavaConfig.model_type, cls.model_type):
@@ -172,7 +187,8 @@ class DynamicLlavaConfig(LlavaConfig):
             )
         if model_type == LlavaConfig.model_type:
             config_dict = {**config_dict, "model_type": cls.model_type}
-        return config_dict, kwargs
+        overrides = {name: kwargs.pop(name) for name in SPARSITY_FIELDS if name in kwargs}
+        return {**config_dict, **overrides}, kwargs  # overrides replace the file's values before they are checked
 
     def to_dict(self) -> dict:
         out = super().to_dict()

@@ -23,6 +23,8 @@ and ``vocab_size`` from a text config (``config.text_config`` of a `DynamicLlava
 
 from __future__ import annotations
 
+import math
+
 from .validation import check_integer, check_rate
 
 # ----------------------------------------------------------------------------- paper convention
@@ -189,6 +191,11 @@ def estimate(config, text_tokens: int = 40, new_tokens: int = 0, image_keep_rate
     kept tokens), and KV-cache bytes per layer at the end. Generated tokens are assumed kept at
     `text_keep_rate` (the training target; the trained predictor decides at run time).
     """
+    if not (hasattr(config, "text_config") and hasattr(config, "vision_config")):
+        raise TypeError(
+            f"config must be a LLaVA config (with text_config and vision_config), got {type(config).__name__}: "
+            "load one with DynamicLlavaConfig.from_pretrained(path)."
+        )
     for name, value in (("text_tokens", text_tokens), ("new_tokens", new_tokens), ("images", images)):
         check_integer(name, value, 0)
     check_integer("dtype_bytes", dtype_bytes, 1, hint="2 for fp16/bf16, 4 for fp32")
@@ -202,7 +209,9 @@ def estimate(config, text_tokens: int = 40, new_tokens: int = 0, image_keep_rate
     v = config.vision_config
     per_image = getattr(config, "image_seq_length", None) or (v.image_size // v.patch_size) ** 2
     image_tokens = images * per_image
-    kept_image = images * int(image_keep_rate * per_image)
+    # as the engine keeps them: floor(rate * tokens) per image, at least one
+    kept_per_image = per_image if image_keep_rate >= 1.0 else max(1, math.floor(image_keep_rate * per_image + 1e-6))
+    kept_image = images * kept_per_image
     prompt = text_tokens + image_tokens
     kept_prompt = text_tokens + kept_image
     layers = text.num_hidden_layers

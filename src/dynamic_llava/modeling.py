@@ -718,7 +718,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return None, None
         if ids.is_floating_point() or ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got a {ids.dtype} tensor.")
-        vocab = self.config.text_config.vocab_size
+        vocab = self.get_input_embeddings().num_embeddings
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(
                 f"input_ids hold token ids from {int(ids.min())} to {int(ids.max())}, but the vocabulary has {vocab} "

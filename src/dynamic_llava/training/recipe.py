@@ -342,12 +342,21 @@ def _umask() -> int:
     return mask
 
 
-def _read_run(folder: str) -> dict | None:
-    path = os.path.join(folder, RUN_FILE)
+def _read_json(path: str) -> dict | None:
+    """A JSON file a run wrote (None if it is not there); a damaged one is refused naming it."""
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:
+        raise ValueError(
+            f"{path} is damaged ({error}): move that checkpoint away, or pass --restart to start over."
+        ) from error
+
+
+def _read_run(folder: str) -> dict | None:
+    return _read_json(os.path.join(folder, RUN_FILE))
 
 
 def _check_same_run(folder: str, current: dict) -> None:
@@ -379,10 +388,9 @@ def _move_previous_run(output_dir: str) -> None:
 
 def _finished_steps(checkpoint: str | None) -> int | None:
     """The step count of `checkpoint` if it is the last step of its run (None otherwise, or without one)."""
-    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+    state = _read_json(os.path.join(checkpoint, "trainer_state.json")) if checkpoint else None
+    if state is None:
         return None
-    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
     steps, planned = state.get("global_step", 0), state.get("max_steps", 0)
     return steps if planned and steps >= planned else None
 

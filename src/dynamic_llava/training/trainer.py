@@ -93,8 +93,10 @@ class DynamicLlavaTrainer(Trainer):
         weight = self.accelerator.unwrap_model(model).config.budget_weight
         loss = lm_loss + weight * outputs.budget_loss / self.current_gradient_accumulation_steps
         if model.training:
-            if not bool(torch.isfinite(loss.detach())):
-                self._stop(f"the loss is {float(loss.detach())} (lm_loss={float(outputs.lm_loss.detach())}, "
+            finite = bool(torch.isfinite(loss.detach()))
+            if self._on_any_rank(not finite):
+                self._stop("the loss is NaN or infinite on another process" if finite else
+                           f"the loss is {float(loss.detach())} (lm_loss={float(outputs.lm_loss.detach())}, "
                            f"budget_loss={float(outputs.budget_loss.detach())})")
             self._track(outputs, tau)
         return (loss, outputs) if return_outputs else loss
@@ -104,9 +106,17 @@ class DynamicLlavaTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.is_deepspeed_enabled:  # DeepSpeed keeps gradients in its own buffers
             grads = [p.grad for p in model.parameters() if p.grad is not None]
-            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            if self._on_any_rank(bad):
                 self._stop("a gradient is NaN or infinite")
         return loss
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any (so all of them stop together, none waits)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), reduction="sum")
+        return bool(total > 0)
 
     def _stop(self, what: str, step: int | None = None) -> None:
         """Raise NonFiniteError for optimizer step ``step`` (default: the one being computed)."""
