@@ -21,6 +21,8 @@ from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from dynamic_llava import (
+    CDPrunerPolicy,
+    DARTPolicy,
     DynamicLlavaCache,
     DynamicLlavaConfig,
     DynamicLlavaForConditionalGeneration,
@@ -345,6 +347,10 @@ API_CASES = [
     ("random text rate string", lambda env: RandomPolicy(text_keep_rate="0.5"), TypeError, r"text_keep_rate='0.5'"),
     ("random seed float", lambda env: RandomPolicy(seed=1.5), TypeError, r"seed=1.5: expected an integer"),
     ("fastv rate 2", lambda env: FastVPolicy(image_keep_rate=2.0), ValueError, rf"image_keep_rate=2.0: {RATE}"),
+    ("cdpruner theta 2", lambda env: CDPrunerPolicy(theta=2.0), ValueError, r"theta=2.0: expected a number in \[0, 1\]"),
+    ("cdpruner rate 0", lambda env: CDPrunerPolicy(image_keep_rate=0.0), ValueError, rf"image_keep_rate=0.0: {RATE}"),
+    ("dart no image pivot", lambda env: DARTPolicy(image_pivots=0), ValueError, r"image_pivots=0: expected an integer"),
+    ("dart text pivots float", lambda env: DARTPolicy(text_pivots=1.5), TypeError, r"text_pivots=1.5"),
     ("learned rate negative", lambda env: LearnedPolicy(image_keep_rate=-0.5), ValueError, r"image_keep_rate=-0.5"),
     ("streaming window 0", lambda env: StreamingLLMPolicy(window=0), ValueError, r"window=0: expected an integer >= 1"),
     (
@@ -594,6 +600,24 @@ CLI_CASES = [
     ("costs negative tokens", lambda env: ["costs", str(env.model_dir), "--new-tokens", "-1"], "must be >= 0"),
     ("costs missing argument", lambda env: ["costs"], "Missing argument 'model'"),
     ("version extra argument", lambda env: ["version", "now"], "unexpected extra argument"),
+    ("world seed -1", lambda env: ["world", "--seed", "-1"], "Invalid value for '--seed'"),
+    (
+        "world missing tower",
+        lambda env: ["world", "--output", str(env.root / "w-out"), "--work", str(env.root / "w-work"),
+                     "--vision-tower", str(env.root / "nope")],
+        "no model.safetensors there",
+    ),
+    (
+        "world output is a file",
+        lambda env: ["world", "--output", str(env.root / "a-file.txt")],
+        "is a file",
+    ),
+    ("bench-accuracy seed -1", lambda env: ["bench-accuracy", "--seed", "-1"], "Invalid value for '--seed'"),
+    (
+        "bench-accuracy output is a file",
+        lambda env: ["bench-accuracy", "--checkpoint", str(env.model_dir), "--output", str(env.root / "a-file.txt")],
+        "is a file",
+    ),
     ("unknown command", lambda env: ["serve"], "No such command 'serve'"),
 ]
 

@@ -206,6 +206,8 @@ def world(
 
     from .world.build import WorldRecipe, build_world
 
+    _writable_folder(output, "--output")
+    _writable_folder(work, "--work")
     if vision_tower is not None and not (Path(vision_tower) / "model.safetensors").is_file():
         _fail(f"--vision-tower {vision_tower}: no model.safetensors there (a folder an earlier build wrote as "
               "WORK/vision_tower).")
@@ -301,6 +303,7 @@ def bench_accuracy(
         _fail(f"No trained world model at {checkpoint}: build it with `make world` or pass --checkpoint.")
     if questions < 10:
         _fail(f"--questions must be at least 10, got {questions}.")
+    _writable_folder(output, "--output")
     console = Console(width=160)
     report = run_accuracy(AccuracySettings(checkpoint=checkpoint, questions=questions, seed=seed), log=console.log)
     for table in accuracy_tables(report):
