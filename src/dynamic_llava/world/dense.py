@@ -36,14 +36,16 @@ class ScenePool:
 
 @torch.no_grad()
 def encode_scenes(model, image_processor, scenes: list[Scene], batch_size: int = 256, progress: bool = True):
-    """Tower features as the stock LLaVA selects them (the configured layer, CLS dropped), before the
-    projector."""
+    """Tower features as the stock LLaVA selects them (the configured layer, or layers concatenated; CLS
+    dropped), before the projector."""
     tower, config = model.model.vision_tower, model.config
     chunks = []
     for start in tqdm(range(0, len(scenes), batch_size), desc="tower features", disable=not progress):
         images = [render(s, tower.config.image_size) for s in scenes[start : start + batch_size]]
         pixels = image_processor(images, return_tensors="pt")["pixel_values"]
-        hidden = tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        states = tower(pixels, output_hidden_states=True).hidden_states
+        layers = config.vision_feature_layer
+        hidden = torch.cat([states[i] for i in ([layers] if isinstance(layers, int) else layers)], dim=-1)
         if config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         chunks.append(hidden.to(torch.float16))
