@@ -36,14 +36,16 @@ class ScenePool:
 
 @torch.no_grad()
 def encode_scenes(model, image_processor, scenes: list[Scene], batch_size: int = 256, progress: bool = True):
-    """Tower features as the stock LLaVA selects them (the configured layer, CLS dropped), before the
-    projector."""
+    """Tower features as the stock LLaVA selects them (the configured layer, or layers concatenated; CLS
+    dropped), before the projector."""
     tower, config = model.model.vision_tower, model.config
     chunks = []
     for start in tqdm(range(0, len(scenes), batch_size), desc="tower features", disable=not progress):
         images = [render(s, tower.config.image_size) for s in scenes[start : start + batch_size]]
         pixels = image_processor(images, return_tensors="pt")["pixel_values"]
-        hidden = tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        states = tower(pixels, output_hidden_states=True).hidden_states
+        layers = config.vision_feature_layer
+        hidden = torch.cat([states[i] for i in ([layers] if isinstance(layers, int) else layers)], dim=-1)
         if config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         chunks.append(hidden.to(torch.float16))
@@ -94,15 +96,18 @@ class Stage:
     history: list[dict] = field(default_factory=list)
 
 
-def _batch(encoder: PromptEncoder, pool: ScenePool, kind: str, size: int, rng: np.random.Generator, pad_id: int):
-    """(ids [B, N], attention [B, N], answer mask [B, N] on the positions that predict answer tokens,
-    targets [B, N], tower features [B, T, C])."""
-    candidates = np.arange(len(pool.scenes))
-    if kind == "list":
-        candidates = np.array([i for i, s in enumerate(pool.scenes) if len(s.objects) >= 3])
+def _batch(encoder: PromptEncoder, pool: ScenePool, kinds: list[str], size: int, rng: np.random.Generator,
+           pad_id: int, shares: np.ndarray | None = None):
+    """A batch whose samples draw their type from `kinds` (by `shares`): (ids [B, N], attention [B, N], answer
+    mask [B, N] on the positions that predict answer tokens, targets [B, N], tower features [B, T, C])."""
+    shares = np.ones(len(kinds)) if shares is None else np.asarray(shares, dtype=float)
+    listable = np.array([i for i, s in enumerate(pool.scenes) if len(s.objects) >= 3])
     picks, samples = [], []
     while len(samples) < size:
-        index = int(candidates[rng.integers(len(candidates))])
+        kind = kinds[rng.choice(len(kinds), p=shares / shares.sum())]
+        candidates = listable if kind == "list" else None
+        index = int(candidates[rng.integers(len(candidates))]) if candidates is not None else int(
+            rng.integers(len(pool.scenes)))
         qa = ask(pool.scenes[index], kind, rng)
         if qa is None:
             continue
@@ -146,7 +151,7 @@ def held_out_accuracy(model, encoder: PromptEncoder, pool: ScenePool, kinds, per
     rng = np.random.default_rng([seed, 99])
     scores = {}
     for kind in kinds:
-        ids, mask, answer, targets, features = _batch(encoder, pool, kind, per_kind, rng, pad_id)
+        ids, mask, answer, targets, features = _batch(encoder, pool, [kind], per_kind, rng, pad_id)
         right = (_forward(model, ids, mask, features).argmax(-1) == targets) | ~answer
         scores[kind] = float(right.all(1).float().mean()) if kind not in LONG_TYPES else float(
             ((right & answer).sum() / answer.sum()))
@@ -160,7 +165,11 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
     params = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
     optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
     kinds = [k for k, share in stage.mix.items() if share > 0]
-    shares = np.array([stage.mix[k] for k in kinds], dtype=float)
+    # short questions share batches (a batch of one type tilts every step towards that type's answers);
+    # each long type gets batches of its own, which would otherwise be mostly padding
+    short = [k for k in kinds if k not in LONG_TYPES]
+    groups = ([short] if short else []) + [[k] for k in kinds if k in LONG_TYPES]
+    group_shares = np.array([sum(stage.mix[k] for k in g) for g in groups], dtype=float)
     rng = np.random.default_rng([seed, len(stage.name), 7])
     warmup = min(50, stage.max_steps // 10 + 1)
     decay_from = None  # the step where the decay began: the targets were met, or max_steps - decay_steps
@@ -178,8 +187,9 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
             scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = stage.learning_rate * scale
-        kind = kinds[rng.choice(len(kinds), p=shares / shares.sum())]
-        ids, mask, answer, targets, features = _batch(encoder, train, kind, stage.batch_size, rng, pad_id)
+        group = groups[rng.choice(len(groups), p=group_shares / group_shares.sum())]
+        ids, mask, answer, targets, features = _batch(encoder, train, group, stage.batch_size, rng, pad_id,
+                                                      [stage.mix[k] for k in group])
         loss = per_answer_loss(_forward(model, ids, mask, features), targets, answer)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"dense stage {stage.name!r}: the loss is {loss.item()} at step {step}")
@@ -189,7 +199,7 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
         optimizer.step()
         step += 1
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", kind=kind)
+        bar.set_postfix(loss=f"{loss.item():.3f}", batch="/".join(group) if len(group) == 1 else "questions")
         if step % stage.eval_every == 0 or step == total:
             scores = held_out_accuracy(model, encoder, held_out, kinds, seed=seed, pad_id=pad_id)
             stage.history.append({"step": step, "seconds": round(time.time() - started), "lr_scale": round(scale, 3),

@@ -22,7 +22,7 @@ def tiny_llava_config(vocab_size: int, image_size: int = 96, patch_size: int = 1
             tie_word_embeddings=False,
         ),
         image_token_index=IMAGE_ID,
-        vision_feature_layer=-1,
+        vision_feature_layer=[0, -1],  # the patch embedding (plain colour) next to the last layer (shape, cell)
         vision_feature_select_strategy="default",
         image_seq_length=(image_size // patch_size) ** 2,
         pad_token_id=PAD_ID,
