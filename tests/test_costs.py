@@ -5,7 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from dynamic_llava import DynamicLlavaConfig, ImagePredictor, TextPredictor
+from dynamic_llava import DynamicLlavaConfig, ImagePredictor, TextPredictor, costs
 from dynamic_llava.costs import llama_layer_flops, paper_prefill_flops
 
 
@@ -70,3 +70,17 @@ def test_estimate_for_the_llava_15_7b_config_on_the_meta_device():
     per_layer = 2 * 4096 * 2
     assert costs["kv_bytes_per_layer"]["dense"] == [(616 + 63) * per_layer] * 32
     assert costs["kv_bytes_per_layer"]["sparse"] == [(616 + 63) * per_layer] * 2 + [(155 + 31) * per_layer] * 30
+
+
+def test_projector_flops_follow_the_concatenated_feature_layers():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from dynamic_llava.world.models import tiny_llava_config
+
+    several = tiny_llava_config(40, width=32, layers=2)  # vision_feature_layer [0, -1]
+    one = LlavaConfig(**{**several.to_dict(), "vision_feature_layer": -1})
+    projector = LlavaForConditionalGeneration(several).model.multi_modal_projector.linear_1
+    tokens = (several.vision_config.image_size // several.vision_config.patch_size) ** 2
+    extra = costs.vision_flops(several) - costs.vision_flops(one)
+    assert projector.in_features == 2 * several.vision_config.hidden_size
+    assert extra == 2 * tokens * several.vision_config.hidden_size * several.text_config.hidden_size

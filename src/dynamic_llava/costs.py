@@ -127,7 +127,8 @@ def vision_flops(config, n_images: int = 1) -> int:
 
     ``config`` is the full LLaVA config (``vision_config``, ``text_config``). Patch embedding,
     ``num_hidden_layers`` pre-LN ViT layers over patches + CLS (bidirectional attention), and the
-    two-layer projector on the image tokens handed to the language model.
+    two-layer projector on the image tokens handed to the language model (its input is several
+    layers' features side by side when ``vision_feature_layer`` is a list).
     """
     v = config.vision_config
     patches = (v.image_size // v.patch_size) ** 2
@@ -139,7 +140,9 @@ def vision_flops(config, n_images: int = 1) -> int:
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     image_tokens = patches if strategy == "default" else tokens
     c = config.text_config.hidden_size
-    macs += image_tokens * (cv * c + c * c)  # projector: Linear(cv, C) -> act -> Linear(C, C)
+    layers = getattr(config, "vision_feature_layer", -1)
+    width_in = cv * (1 if isinstance(layers, int) else len(layers))  # several layers are concatenated
+    macs += image_tokens * (width_in * c + c * c)  # projector: Linear(width_in, C) -> act -> Linear(C, C)
     return 2 * macs * n_images
 
 
