@@ -9,22 +9,6 @@ from transformers import LlavaConfig
 
 from .validation import check_bool, check_integer, check_integer_list, check_number, check_rate, invalid
 
-SPARSITY_FIELDS = (
-    "sparse_layer",
-    "image_keep_rate",
-    "text_keep_rate",
-    "use_image_predictor",
-    "use_text_predictor",
-    "predictor_dim",
-    "predictor_heads",
-    "predictor_mlp_dim",
-    "predictor_blocks",
-    "predictor_head_dims",
-    "text_predictor_dims",
-    "budget_weight",
-    "min_answer_tokens",
-)
-
 # Settings that shape the predictor modules: changing them under a built model would not change the model.
 STRUCTURE_FIELDS = (
     "use_image_predictor",
@@ -36,6 +20,9 @@ STRUCTURE_FIELDS = (
     "predictor_head_dims",
     "text_predictor_dims",
 )
+
+SPARSITY_FIELDS = ("sparse_layer", "image_keep_rate", "text_keep_rate", *STRUCTURE_FIELDS, "budget_weight",
+                   "min_answer_tokens")
 
 
 def check_setting(name: str, value, num_layers: int) -> None:
