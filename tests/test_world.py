@@ -6,6 +6,7 @@ from collections import Counter
 from math import comb
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoProcessor
 
@@ -246,3 +247,44 @@ def test_a_listing_order_is_not_in_the_image_or_the_prompt():
     rng = np.random.default_rng(7)
     orders = Counter(listing(scene, rng).split("backwards :")[1] for _ in range(600))
     assert len(orders) == 6 and all(60 <= n <= 140 for n in orders.values()), orders
+
+
+def test_a_stopped_dense_stage_resumes_exactly(tmp_path, monkeypatch):
+    import dynamic_llava.world.dense as dense
+    from transformers import LlavaForConditionalGeneration
+
+    processor = build_processor()
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(32)]
+    encoder = PromptEncoder(processor, 64)
+
+    def run(checkpoint, stop_after=None):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=2))
+        model.model.vision_tower.requires_grad_(False)
+        pool = ScenePool(scenes, encode_scenes(model, processor.image_processor, scenes, progress=False))
+        stage = Stage("q", {"count": 1.0, "exist": 1.0}, 30, 3e-3, 8, eval_every=10, decay_steps=10)
+        if stop_after is not None:
+            calls = {"n": 0}
+            original = dense.per_answer_loss
+
+            def failing(*args):
+                calls["n"] += 1
+                if calls["n"] > stop_after:
+                    raise KeyboardInterrupt
+                return original(*args)
+
+            monkeypatch.setattr(dense, "per_answer_loss", failing)
+            with pytest.raises(KeyboardInterrupt):
+                train_stage(model, encoder, pool, pool, stage, progress=False, checkpoint=checkpoint)
+            monkeypatch.setattr(dense, "per_answer_loss", original)
+            stage = Stage("q", {"count": 1.0, "exist": 1.0}, 30, 3e-3, 8, eval_every=10, decay_steps=10)
+        result = train_stage(model, encoder, pool, pool, stage, progress=False, checkpoint=checkpoint)
+        return model, result
+
+    whole, whole_result = run(None)
+    resumed, resumed_result = run(tmp_path / "state.pt", stop_after=25)  # stopped after the step-20 check
+    assert resumed_result["steps"] == whole_result["steps"] == 30
+    assert [h["step"] for h in resumed_result["history"]] == [h["step"] for h in whole_result["history"]]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)

@@ -10,9 +10,10 @@
 4. save both (fp16 weights, with the processor) and evaluate them on the test split and on a fresh
    generator seed.
 
-Every stage writes its result under `work/` before the next begins, and a rerun of the same command
-reuses what is there (the tower, each dense stage, the fine-tune's checkpoints), so a stopped build
-resumes at the stage it was in.
+Every stage writes its result under `work/` before the next begins, and a dense stage also saves its
+state at every held-out check; a rerun of the same command reuses what is there (the tower, each
+finished dense stage, a dense stage's last state, the fine-tune's checkpoints), so a stopped build
+resumes where it was.
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
             record["stages"].append(json.loads((folder / "stage.json").read_text()))
             continue
         pools = pools or _pools(dense, processor, recipe)
-        result = train_stage(dense, encoder, *pools, stage, seed=recipe.seed, pad_id=processor.tokenizer.pad_token_id)
+        work.mkdir(parents=True, exist_ok=True)
+        resume = work / f"dense-{index + 1}.state.pt"  # a stopped build continues the stage from its last check
+        result = train_stage(dense, encoder, *pools, stage, seed=recipe.seed, pad_id=processor.tokenizer.pad_token_id,
+                             checkpoint=resume)
         log(f"dense stage {stage.name!r}: {result['steps']} steps, {result['seconds']} s, targets met: "
             f"{result['reached_targets']}")
         staging = work / f"dense-{index + 1}.partial"
@@ -137,6 +141,7 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
+        resume.unlink(missing_ok=True)
         record["stages"].append(result)
     return dense, record
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -160,8 +162,12 @@ def held_out_accuracy(model, encoder: PromptEncoder, pool: ScenePool, kinds, per
 
 
 def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: ScenePool, stage: Stage, seed: int = 0,
-                progress: bool = True, pad_id: int = 0) -> dict:
-    """Train the projector and the decoder (the tower stays frozen) for one stage; returns its record."""
+                progress: bool = True, pad_id: int = 0, checkpoint: str | os.PathLike | None = None) -> dict:
+    """Train the projector and the decoder (the tower stays frozen) for one stage; returns its record.
+
+    With `checkpoint` (a file), the stage's state (weights, optimizer, data order, schedule, history) is written
+    there at every held-out check, atomically, and a stage started again with the same file continues from it
+    exactly."""
     params = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
     optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay, betas=(0.9, 0.98))
     kinds = [k for k, share in stage.mix.items() if share > 0]
@@ -175,9 +181,17 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
     decay_from = None  # the step where the decay began: the targets were met, or max_steps - decay_steps
     started = time.time()
     total = stage.max_steps
-    bar = tqdm(total=total, desc=f"dense: {stage.name}", disable=not progress)
-    model.train()
     step = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        step, total, decay_from, stage.history = state["step"], state["total"], state["decay_from"], state["history"]
+        started -= state["seconds"]
+        logger.info("dense %s: resumed at step %d", stage.name, step)
+    bar = tqdm(total=total, initial=step, desc=f"dense: {stage.name}", disable=not progress)
+    model.train()
     while step < total:
         if decay_from is None and step >= stage.max_steps - stage.decay_steps:
             decay_from = step
@@ -208,14 +222,28 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
             logger.info(line)
             if progress:
                 tqdm.write(line)
-            met = all(scores[k] >= t for k, t in stage.targets.items())
+            met = bool(stage.targets) and all(scores[k] >= t for k, t in stage.targets.items())  # none: run on
             if decay_from is None and step >= stage.min_steps and met:
                 decay_from, total = step, min(total, step + stage.decay_steps)
+            if checkpoint is not None:
+                _save_state(checkpoint, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state,
+                    "step": step, "total": total, "decay_from": decay_from, "history": stage.history,
+                    "seconds": time.time() - started,
+                })
     bar.close()
     final = stage.history[-1] if stage.history else {}
     return {"name": stage.name, "steps": step, "seconds": round(time.time() - started),
-            "reached_targets": all(final.get(k, 0.0) >= t for k, t in stage.targets.items()),
+            "reached_targets": bool(stage.targets) and all(final.get(k, 0.0) >= t for k, t in stage.targets.items()),
             "history": stage.history}
+
+
+def _save_state(path, state: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: a kill mid-write leaves the previous state."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 __all__ = ["PromptEncoder", "ScenePool", "Stage", "encode_scenes", "held_out_accuracy", "per_answer_loss",
