@@ -12,7 +12,8 @@ from .base import TokenPolicy
 
 def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy MAP inference of a determinantal point process (Chen et al., NeurIPS 2018), batched:
-    kernel [B, n, n] positive semi-definite -> long [B, k], the items in the order they were chosen."""
+    kernel [B, n, n] positive semi-definite -> long [B, k], the items in the order they were chosen (ties: the
+    lowest index)."""
     batch, n, _ = kernel.shape
     k = min(k, n)
     chosen = torch.zeros(batch, k, dtype=torch.long, device=kernel.device)
@@ -20,7 +21,9 @@ def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
     gains = kernel.diagonal(dim1=1, dim2=2).clone()  # the squared norm each item would add
     rows = torch.arange(batch, device=kernel.device)
     for j in range(k):
-        best = gains.argmax(dim=1)
+        # gains rounded to 1e-6: equal gains (a constant quality makes every first gain 1) go to the lowest
+        # index whatever rounding noise the batch brings, so a batch picks as its samples would alone
+        best = torch.round(gains * 1e6).argmax(dim=1)
         chosen[:, j] = best
         projection = torch.einsum("bj,bjn->bn", vectors[rows, :j, best], vectors[:, :j])
         e = (kernel[rows, best] - projection) / gains[rows, best].clamp(min=1e-12).sqrt().unsqueeze(1)
@@ -64,7 +67,7 @@ class CDPrunerPolicy(TokenPolicy):
             raise ValueError("CDPrunerPolicy needs the decoder input (context.inputs_embeds).")
         if context.past > 0:
             raise NotImplementedError("CDPrunerPolicy scores images at prefill; the prompt must not follow cached tokens.")
-        embeds, mask = context.inputs_embeds.float(), context.image_token_mask
+        embeds, mask = context.inputs_embeds.double(), context.image_token_mask  # float64: the greedy order is exact
         images, tokens = positions.shape
         features = torch.nn.functional.normalize(embeds[mask].view(images, tokens, -1), dim=-1)
         text = ~mask & context.padding_mask
@@ -79,7 +82,7 @@ class CDPrunerPolicy(TokenPolicy):
         kernel = quality.unsqueeze(2) * similarity * quality.unsqueeze(1)
         rate = self.image_keep_rate if self.image_keep_rate is not None else model.sparsity.image_keep_rate
         k = max(1, int(rate * tokens + 1e-6))
-        order = greedy_dpp(kernel.double(), k)
+        order = greedy_dpp(kernel, k)
         scores = torch.full((images, tokens), -1.0, dtype=torch.float32, device=hidden.device)
         return scores.scatter_(1, order, torch.arange(k, 0, -1, dtype=torch.float32, device=hidden.device)
                                .expand(images, -1).contiguous())
