@@ -288,3 +288,13 @@ def test_a_stopped_dense_stage_resumes_exactly(tmp_path, monkeypatch):
     assert [h["step"] for h in resumed_result["history"]] == [h["step"] for h in whole_result["history"]]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_a_world_build_refuses_dense_stages_of_another_recipe(tmp_path):
+    from dynamic_llava.world.build import DENSE_FIELDS, WorldRecipe, _check_same_run
+
+    recipe = WorldRecipe(work=str(tmp_path))
+    same = {k: getattr(recipe, k) for k in DENSE_FIELDS}
+    _check_same_run(same, recipe, tmp_path / "dense-1")  # the same recipe: reused
+    with pytest.raises(ValueError, match=r"question_steps: 10 there, 4000 now.*another --work folder"):
+        _check_same_run({**same, "question_steps": 10}, recipe, tmp_path / "dense-1")

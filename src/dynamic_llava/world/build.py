@@ -75,6 +75,21 @@ class WorldRecipe:
     eval_limit: int | None = None
 
 
+DENSE_FIELDS = ("seed", "vision_steps", "vision_batch_size", "pool_size", "held_out_size", "question_steps",
+                "question_target", "long_steps", "long_decay_steps", "batch_size", "dense_learning_rate",
+                "dense_weight_decay", "decoder_heads")  # the settings that shape the dense model
+
+
+def _check_same_run(found: dict, recipe: WorldRecipe, where: Path) -> None:
+    """Refuse to reuse a dense stage that another recipe wrote, naming the settings that differ."""
+    wanted = {k: getattr(recipe, k) for k in DENSE_FIELDS}
+    differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+    if differ:
+        listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        raise ValueError(f"{where} was written by another world build ({listed}): pass another --work folder, or "
+                         "delete it to build again.")
+
+
 def _pools(model, processor, recipe: WorldRecipe) -> tuple[ScenePool, ScenePool]:
     rng = np.random.default_rng([recipe.seed, 31])
     train_scenes = [sample_scene(rng) for _ in range(recipe.pool_size)]
@@ -124,12 +139,18 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
     for index, stage in enumerate(_dense_stages(recipe)):
         folder = work / f"dense-{index + 1}"
         if (folder / "stage.json").is_file():  # done by an earlier run of this build
+            done = json.loads((folder / "stage.json").read_text())
+            _check_same_run(done.get("recipe", {}), recipe, folder)
             dense.load_state_dict(load_file(folder / "model.safetensors"))
-            record["stages"].append(json.loads((folder / "stage.json").read_text()))
+            record["stages"].append(done)
             continue
         pools = pools or _pools(dense, processor, recipe)
         work.mkdir(parents=True, exist_ok=True)
         resume = work / f"dense-{index + 1}.state.pt"  # a stopped build continues the stage from its last check
+        stamp = work / f"dense-{index + 1}.recipe.json"
+        if resume.is_file() and stamp.is_file():
+            _check_same_run(json.loads(stamp.read_text()), recipe, resume)
+        stamp.write_text(json.dumps({k: getattr(recipe, k) for k in DENSE_FIELDS}))
         result = train_stage(dense, encoder, *pools, stage, seed=recipe.seed, pad_id=processor.tokenizer.pad_token_id,
                              checkpoint=resume)
         log(f"dense stage {stage.name!r}: {result['steps']} steps, {result['seconds']} s, targets met: "
@@ -137,11 +158,12 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         staging = work / f"dense-{index + 1}.partial"
         staging.mkdir(parents=True, exist_ok=True)
         save_file(dense.state_dict(), staging / "model.safetensors")
-        (staging / "stage.json").write_text(json.dumps(result))
+        (staging / "stage.json").write_text(json.dumps({**result, "recipe": {k: getattr(recipe, k) for k in DENSE_FIELDS}}))
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
         resume.unlink(missing_ok=True)
+        stamp.unlink(missing_ok=True)
         record["stages"].append(result)
     return dense, record
 
