@@ -291,17 +291,9 @@ def test_deepspeed_without_the_package_is_refused_before_loading(world, monkeypa
 
 
 def test_non_finite_loss_on_one_process_stops_every_process(world, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+    from training_setup import run_two_processes
 
-    worker = Path(__file__).parent / "distributed_fault_worker.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(worker),
-         str(world), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_two_processes("distributed_fault_worker.py", world, tmp_path, port=29531, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert "Training stopped at step 2: the loss is NaN or infinite on another process" in messages[0]

@@ -1,9 +1,6 @@
 """Fine-tuning with DynamicLlavaTrainer: budgets are learned, runs resume exactly, checkpoints are atomic."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ from transformers import TrainerCallback
 from dynamic_llava import DynamicLlavaForConditionalGeneration
 from dynamic_llava.data import LlavaCollator
 from dynamic_llava.training import build_trainer, gumbel_temperature, train
-from training_setup import flat_parameters, recipe_for, write_world
+from training_setup import flat_parameters, recipe_for, run_two_processes, write_world
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +137,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(world):
 
 
 def test_two_process_run_ends_with_identical_parameters(world, tmp_path):
-    worker = Path(__file__).parent / "distributed_worker.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(worker),
-         str(world), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = run_two_processes("distributed_worker.py", world, tmp_path, port=29517, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")

@@ -1,5 +1,8 @@
 """A tiny trainable world on disk: a Dynamic-LLaVA checkpoint with its processor, and LLaVA-format data."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -31,3 +34,15 @@ def recipe_for(root: Path, output: str = "run", **overrides) -> TrainingRecipe:
 
 def flat_parameters(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_two_processes(worker: str, *args, port: int, timeout: int) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 tests/<worker> args...` on CPU (gloo), with this test folder importable."""
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path])}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         str(here / worker), *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+

@@ -614,7 +614,9 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """
         if mm_encoder_outputs is not None:
             kwargs["mm_encoder_outputs"] = mm_encoder_outputs
-        self.config.check_sparsity()
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            # settings are checked on assignment and in generate(); here once per prompt, not per decode step
+            self.config.check_sparsity()
         check_policy(sparsity_policy)
         if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
             raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
@@ -718,16 +720,17 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return None, None
         if ids.is_floating_point() or ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got a {ids.dtype} tensor.")
-        vocab = self.get_input_embeddings().num_embeddings
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(
-                f"input_ids hold token ids from {int(ids.min())} to {int(ids.max())}, but the vocabulary has {vocab} "
-                "(ids 0 .. vocab_size - 1): encode the prompt with this model's processor."
-            )
         mask = attention_mask
         if mask is not None and mask.shape[0] != ids.shape[0]:
             raise ValueError(f"attention_mask has {mask.shape[0]} rows but input_ids has {ids.shape[0]}.")
         past = cache.get_seq_length(0) if cache is not None else 0
+        vocab = self.get_input_embeddings().num_embeddings
+        # checked on the prompt only: min / max wait for the device, and decode steps feed back sampled ids
+        if past == 0 and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(
+                f"input_ids hold token ids from {int(ids.min())} to {int(ids.max())}, but the vocabulary has {vocab} "
+                "(ids 0 .. vocab_size - 1): encode the prompt with this model's processor."
+            )
         if mask is not None and mask.shape[1] != past + ids.shape[1]:
             raise ValueError(
                 f"attention_mask covers {mask.shape[1]} tokens but there are {past + ids.shape[1]} ({past} cached + "

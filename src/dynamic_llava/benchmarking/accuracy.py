@@ -27,7 +27,7 @@ import torch
 
 from .. import costs
 from ..evaluation import answer_perplexity, answer_questions, exact_match, first_turns
-from ..evaluation.world import BACKWARDS, batch_inputs, prompt_inputs
+from ..evaluation.world import BACKWARDS, answer_perplexities, batch_inputs, prompt_inputs
 from ..policies import (
     CDPrunerPolicy,
     DARTPolicy,
@@ -138,9 +138,8 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
 
         def text_point(method, rate, policy, window=None):
             stats = []
-            ppl = answer_perplexity(model, processor, listings, images, policy=policy, progress=False, stats=stats)
-            backwards = answer_perplexity(model, processor, listings, images, policy=policy, progress=False,
-                                          after=BACKWARDS)
+            ppl, backwards = answer_perplexities(model, processor, listings, images, policy=policy, progress=False,
+                                                 stats=stats, after=BACKWARDS)
             report["text_sweep"].append({"method": method, "text_keep_rate": rate, "list_ppl": ppl,
                                          "list_backwards_ppl": backwards, "held_share_at_end": held_share(stats),
                                          "window": window})

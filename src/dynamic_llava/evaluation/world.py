@@ -86,7 +86,17 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
     output-text predictor decides, token by token, which answer tokens stay in layers >= K).
     Pass a list as `stats` to receive one `SparsityStats` per batch (tokens kept, evicted, KV held).
     With `after`, only the tokens that follow that text in each answer are scored (all are fed)."""
-    total_nll, total_tokens = 0.0, 0
+    whole, tail = answer_perplexities(model, processor, items, image_root, batch_size, policy, progress, stats, after)
+    return whole if after is None else tail
+
+
+@torch.no_grad()
+def answer_perplexities(model, processor, items, image_root, batch_size=16, policy=None, progress=True,
+                        stats: list | None = None, after: str | None = None) -> tuple[float, float]:
+    """(perplexity of every answer token, perplexity of the tokens after `after`) from one teacher-forced pass;
+    see `answer_perplexity`."""
+    sums = torch.zeros(2, dtype=torch.float64)  # nll of all answer tokens, of those after `after`
+    counts = torch.zeros(2, dtype=torch.long)
     tokenizer = processor.tokenizer
     for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="perplexity"):
         chunk = items[start : start + batch_size]
@@ -95,10 +105,11 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
                    for item in chunk]
         length = max(len(a) for a in answers)
         targets = torch.full((len(chunk), length), tokenizer.pad_token_id)
-        valid = torch.zeros(len(chunk), length, dtype=torch.bool)
+        valid = torch.zeros(2, len(chunk), length, dtype=torch.bool)
         for i, (item, a) in enumerate(zip(chunk, answers)):
             targets[i, : len(a)] = torch.tensor(a)
-            valid[i, _scored_from(tokenizer, item["answer"], after) : len(a)] = True
+            valid[0, i, : len(a)] = True
+            valid[1, i, _scored_from(tokenizer, item["answer"], after) : len(a)] = True
         mask = inputs["attention_mask"]
         prompt_length = mask.shape[1]
         cache = DynamicLlavaCache.from_config(model.config)
@@ -107,11 +118,10 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
             stats.append(batch_stats)
         out = model(**inputs, past_key_values=cache, use_cache=True, output_text_start=prompt_length,
                     sparsity_policy=policy, logits_to_keep=1, sparsity_stats=batch_stats)
+        nll = torch.zeros(len(chunk), length, dtype=torch.float64)
         for step in range(length):
             logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-            nll = -logp.gather(1, targets[:, step : step + 1]).squeeze(1)
-            total_nll += float(nll[valid[:, step]].sum())
-            total_tokens += int(valid[:, step].sum())
+            nll[:, step] = -logp.gather(1, targets[:, step : step + 1]).squeeze(1)
             if step == length - 1:
                 break
             mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=mask.dtype)], dim=1)
@@ -119,7 +129,9 @@ def answer_perplexity(model, processor, items, image_root, batch_size=16, policy
             out = model(input_ids=targets[:, step : step + 1], attention_mask=mask, position_ids=position,
                         past_key_values=cache, use_cache=True, output_text_start=prompt_length,
                         sparsity_policy=policy, sparsity_stats=batch_stats)
-    return perplexity(total_nll, total_tokens)
+        sums += (nll.unsqueeze(0) * valid).sum(dim=(1, 2))
+        counts += valid.sum(dim=(1, 2))
+    return perplexity(float(sums[0]), int(counts[0])), perplexity(float(sums[1]), int(counts[1]))
 
 
 def _scored_from(tokenizer, answer: str, after: str | None) -> int:
@@ -133,21 +145,24 @@ def _scored_from(tokenizer, answer: str, after: str | None) -> int:
 BACKWARDS = "backwards :"  # where a listing's second part, read from its first, begins
 
 
+def _listing_parts(text: str) -> tuple[list[str], list[str]] | None:
+    """(the first part's items, the second part's names) of a listing, or None if it has no second part."""
+    if BACKWARDS not in text:
+        return None
+    first, tail = text.split(BACKWARDS, 1)
+    items = [" ".join(i.split()) for i in first.strip().rstrip(".").split(";")]
+    return items, [" ".join(n.split()) for n in tail.strip().rstrip(".").split(",")]
+
+
 def listing_correct(prediction: str, reference: str) -> bool:
     """A listing is right when it names the reference's objects (in any order: the order is the model's
     choice) and its second part names them in exactly the reverse of the order its first part chose."""
-    def parse(text):
-        if BACKWARDS not in text:
-            return None, None
-        first, tail = text.split(BACKWARDS, 1)
-        items = [" ".join(i.split()) for i in first.strip().rstrip(".").split(";")]
-        names = [" ".join(i.split()[2:4]) for i in items]
-        return items, [" ".join(n.split()) for n in tail.strip().rstrip(".").split(",")], names
-    parsed, wanted = parse(prediction), parse(reference)
-    if parsed[0] is None or wanted[0] is None:
+    parsed, wanted = _listing_parts(prediction), _listing_parts(reference)
+    if parsed is None or wanted is None:
         return False
-    (items, tail, names), (ref_items, _, _) = parsed, wanted
-    return sorted(items) == sorted(ref_items) and tail == names[::-1]
+    (items, tail), (reference_items, _) = parsed, wanted
+    names = [" ".join(item.split()[2:4]) for item in items]  # "a <size> <colour> <shape> at <cell>"
+    return sorted(items) == sorted(reference_items) and tail == names[::-1]
 
 
 def evaluate_world(model, processor, split_json, image_root, limit=None, batch_size=32, policy=None,
@@ -183,10 +198,11 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
         report[f"{kind}_chrf"] = chrf([d["prediction"] for d in done], [d["answer"] for d in done])
         right = listing_correct if kind == "list" else exact_match
         report[f"{kind}_exact"] = sum(right(d["prediction"], d["answer"]) for d in done) / len(done)
-        report[f"{kind}_ppl"] = answer_perplexity(model, processor, chosen, image_root, batch_size, policy, progress)
-        if kind == "list":  # the part that repeats the listing's own order backwards
-            report["list_backwards_ppl"] = answer_perplexity(model, processor, chosen, image_root, batch_size,
-                                                             policy, progress, after=BACKWARDS)
+        # for listings also the part that repeats the listing's own order backwards
+        report[f"{kind}_ppl"], backwards = answer_perplexities(model, processor, chosen, image_root, batch_size, policy,
+                                                               progress, after=BACKWARDS)
+        if kind == "list":
+            report["list_backwards_ppl"] = backwards
         answers = answers + done
     report["image_tokens_kept"] = sum(a["image_tokens_kept"] or 0 for a in answers) / len(answers)
     kept = [a for a in answers if a["generated"]]
@@ -195,5 +211,5 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
     return report
 
 
-__all__ = ["BACKWARDS", "answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns",
+__all__ = ["BACKWARDS", "answer_perplexities", "answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns",
            "listing_correct", "prompt_inputs", "world_prompt"]

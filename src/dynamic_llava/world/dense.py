@@ -34,6 +34,10 @@ class ScenePool:
 
     scenes: list[Scene]
     features: torch.Tensor
+    listable: np.ndarray = field(init=False)  # scenes that can be listed (3-4 objects)
+
+    def __post_init__(self):
+        self.listable = np.array([i for i, s in enumerate(self.scenes) if len(s.objects) >= 3], dtype=np.int64)
 
 
 @torch.no_grad()
@@ -103,13 +107,13 @@ def _batch(encoder: PromptEncoder, pool: ScenePool, kinds: list[str], size: int,
     """A batch whose samples draw their type from `kinds` (by `shares`): (ids [B, N], attention [B, N], answer
     mask [B, N] on the positions that predict answer tokens, targets [B, N], tower features [B, T, C])."""
     shares = np.ones(len(kinds)) if shares is None else np.asarray(shares, dtype=float)
-    listable = np.array([i for i, s in enumerate(pool.scenes) if len(s.objects) >= 3])
     picks, samples = [], []
     while len(samples) < size:
         kind = kinds[rng.choice(len(kinds), p=shares / shares.sum())]
-        candidates = listable if kind == "list" else None
-        index = int(candidates[rng.integers(len(candidates))]) if candidates is not None else int(
-            rng.integers(len(pool.scenes)))
+        if kind == "list":
+            index = int(pool.listable[rng.integers(len(pool.listable))])
+        else:
+            index = int(rng.integers(len(pool.scenes)))
         qa = ask(pool.scenes[index], kind, rng)
         if qa is None:
             continue
