@@ -213,6 +213,11 @@ API_CASES = [
     ("assign sparse_layer huge", assign("sparse_layer", 10**12), ValueError, r"sparse_layer=1000000000000"),
     ("assign sparse_layer float", assign("sparse_layer", 1.0), TypeError, r"sparse_layer=1.0: expected an integer"),
     ("assign budget inf", assign("budget_weight", math.inf), ValueError, r"budget_weight=inf"),
+    ("mask gradient unknown", config_with(mask_gradient="centred"), ValueError,
+     r"mask_gradient='centred': expected 'balanced' or 'raw'"),
+    ("mask gradient not a string", config_with(mask_gradient=1), TypeError, r"mask_gradient=1: expected"),
+    ("balanced without a budget", config_with(budget_weight=0.0), ValueError,
+     r"budget_weight=0.0: expected > 0 with mask_gradient='balanced'"),
     (
         "assign width under a model",
         assign("predictor_heads", 4),

@@ -258,7 +258,7 @@ def test_eviction_compacts_each_sample():
     keys = torch.arange(batch * heads * n * dim, dtype=torch.float32).view(batch, heads, n, dim)
     store = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
     columns = torch.arange(n).expand(batch, -1).masked_fill(torch.arange(n) < 2, -1)
-    cache.set_store_mask(store, columns)
+    cache.plan_step(store, torch.ones_like(store), columns)
     for layer in range(1, 3):
         cache.update(keys, -keys, layer)
     # slots hold tokens [0..5], [0, 2, 3, 4], [0, 1, 4, 5]; drop marks slots

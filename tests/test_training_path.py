@@ -3,7 +3,7 @@
 import torch
 
 from dynamic_llava.attention import allowed_keys, masked_softmax_attention
-from dynamic_llava.losses import budget_loss
+from dynamic_llava.losses import balance_mask_gradient, budget_loss
 from dynamic_llava.stats import ForwardRecord
 from tiny import make_prompts, tiny_dynamic
 
@@ -86,3 +86,42 @@ def test_budget_loss_matches_its_definition():
     r_i = ((0.2 - 0.5) ** 2 + (0.2 - 0.25) ** 2) / 2  # samples with images only
     r_ot = ((0.5 - 0.75) ** 2 + (0.5 - 0.5) ** 2) / 3  # eligible samples, divided by the batch
     torch.testing.assert_close(budget_loss(record, 0.2, 0.5), torch.tensor(r_i + r_ot))
+
+
+def test_balanced_mask_gradient_is_centred_and_of_fixed_size():
+    keep = torch.ones(2, 6, requires_grad=True)
+    image = torch.tensor([[0, 1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
+    answer = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    out = balance_mask_gradient(keep, [image, answer], scale=0.5)
+    assert torch.equal(out, keep)
+    upstream = torch.tensor([[5.0, 1e4, -3e4, 7.0, 2.0, 9.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    (out * upstream).sum().backward()
+    grad = keep.grad
+    for group, sample in ((image, 0), (image, 1), (answer, 0)):
+        values = grad[sample][group[sample]]
+        torch.testing.assert_close(values.sum(), torch.tensor(0.0), atol=1e-6, rtol=0)
+        n = len(values)
+        torch.testing.assert_close(values.pow(2).mean().sqrt(), torch.tensor(0.5 / (n * 2)))
+    assert grad[0, 2] < grad[0, 3] < grad[0, 1]  # the order within a sample is the LM's
+    assert torch.equal(grad[1, 4:], upstream[1, 4:]) and torch.equal(grad[:, 0], upstream[:, 0])  # outside: as is
+
+
+def _predictor_grads(mask_gradient, lm_factor):
+    model = tiny_dynamic(mask_gradient=mask_gradient, budget_weight=1.0).train()
+    ids, mask, pixels = make_prompts([3, 6], [8, 5], seed=1)
+    torch.manual_seed(0)  # the same Gumbel noise in each call
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids,
+                answer_mask=answer_mask_for(mask, 4), gumbel_tau=0.5)
+    (lm_factor * out.lm_loss).backward()
+    return [p.grad.clone() for n, p in model.named_parameters() if "predictor" in n]
+
+
+def test_balanced_mask_gradient_does_not_grow_with_the_lm_loss():
+    """However large the LM's gradient on the masks, it reaches the predictors at one size ("raw" scales with it)."""
+    small, large = _predictor_grads("balanced", 1.0), _predictor_grads("balanced", 1000.0)
+    for a, b in zip(small, large):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert all(float(g.abs().sum()) > 0 for g in small)  # every predictor weight still learns from the LM
+    small, large = _predictor_grads("raw", 1.0), _predictor_grads("raw", 1000.0)
+    for a, b in zip(small, large):
+        torch.testing.assert_close(1000.0 * a, b, atol=1e-6, rtol=1e-4)

@@ -22,7 +22,8 @@ STRUCTURE_FIELDS = (
 )
 
 SPARSITY_FIELDS = ("sparse_layer", "image_keep_rate", "text_keep_rate", *STRUCTURE_FIELDS, "budget_weight",
-                   "min_answer_tokens")
+                   "min_answer_tokens", "mask_gradient")
+MASK_GRADIENTS = ("balanced", "raw")
 
 
 def check_setting(name: str, value, num_layers: int) -> None:
@@ -45,6 +46,10 @@ def check_setting(name: str, value, num_layers: int) -> None:
             check_integer_list(name, value, 1)
     elif name == "budget_weight":
         check_number(name, value, 0.0)
+    elif name == "mask_gradient" and value not in MASK_GRADIENTS:
+        raise invalid(name, value, " or ".join(repr(m) for m in MASK_GRADIENTS),
+                      "'raw' is the authors' estimator, 'balanced' lets the budget set how many tokens are kept",
+                      kind=TypeError if not isinstance(value, str) else ValueError)
 
 
 def refuse_misspelt_settings(names) -> None:
@@ -81,6 +86,13 @@ class DynamicLlavaConfig(LlavaConfig):
         Training: lambda in LM loss + lambda * (R_I + R_OT), the squared gaps to the keep-rate targets.
     min_answer_tokens : int
         Training: the last answer's tokens may be dropped only when it has at least this many.
+    mask_gradient : str
+        Training: how the LM loss's gradient reaches the keep masks. "raw" is the straight-through
+        gradient as is (the authors' code). "balanced" (default) centres it over each sample's
+        eligible tokens and rescales it to the size of the budget term's gradient at a gap of one
+        half, so that the LM loss decides *which* tokens are kept and the budget term *how many*,
+        whatever the size of the LM's gradient (`losses.balance_mask_gradient`). It needs
+        budget_weight > 0.
     """
 
     model_type = "dynamic_llava"
@@ -98,6 +110,7 @@ class DynamicLlavaConfig(LlavaConfig):
     text_predictor_dims: list[int] | tuple[int, ...] | None = None
     budget_weight: float = 100.0
     min_answer_tokens: int = 50
+    mask_gradient: str = "balanced"
 
     def __post_init__(self, **kwargs):
         refuse_misspelt_settings(kwargs)
@@ -144,6 +157,12 @@ class DynamicLlavaConfig(LlavaConfig):
             raise invalid(
                 "predictor_dim", self.predictor_dim, f"an even multiple of predictor_heads={self.predictor_heads}",
                 "the image predictor splits its width into heads and into two halves",
+            )
+        if self.mask_gradient == "balanced" and self.budget_weight == 0:
+            raise invalid(
+                "budget_weight", self.budget_weight, "> 0 with mask_gradient='balanced'",
+                "balanced mask gradients are sized by it, so the predictors would learn nothing; "
+                "use mask_gradient='raw' to train them on the LM loss alone",
             )
         self.__dict__["_sparsity_ready"] = True
 

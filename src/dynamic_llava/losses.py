@@ -26,4 +26,52 @@ def budget_loss(record: ForwardRecord, image_target: float, text_target: float) 
     return total
 
 
-__all__ = ["budget_loss"]
+
+
+class _BalancedMaskGradient(torch.autograd.Function):
+    """Identity forward; backward centres the gradient over each sample's tokens of each group and rescales it
+    to a per-token RMS of ``scale / (tokens * batch)``, the size of a mean loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, keep, groups, scale):
+        ctx.save_for_backward(groups)
+        ctx.scale = scale
+        return keep.view_as(keep)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (groups,) = ctx.saved_tensors  # [G, B, N] bool
+        out = grad.clone()
+        batch = grad.shape[0]
+        for group in groups:
+            count = group.sum(dim=1, keepdim=True)
+            if not bool(count.any()):
+                continue
+            n = count.clamp(min=1).to(grad.dtype)
+            mean = (grad * group).sum(dim=1, keepdim=True) / n
+            centred = (grad - mean) * group
+            rms = ((centred**2).sum(dim=1, keepdim=True) / n).sqrt()
+            balanced = centred / rms.clamp(min=torch.finfo(grad.dtype).tiny) * (ctx.scale / (n * batch))
+            out = torch.where(group, balanced, out)
+        return out, None, None
+
+
+def balance_mask_gradient(keep: torch.Tensor, groups: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """The keep mask [B, N] as the attention should see it under ``mask_gradient="balanced"``.
+
+    The LM loss's straight-through gradient on a keep decision can be orders of magnitude larger than the budget
+    term's (a dropped key that held most of a row's attention), so left raw it decides how many tokens are kept
+    and the keep ratios never reach their targets. Centred over each sample's tokens of a group (``groups``:
+    [B, N] bool masks, the image tokens and the droppable answer tokens) it can only move tokens against each
+    other: which are kept; *how many* is left to the budget term. It is also rescaled to a per-token RMS of
+    ``scale / (tokens * batch)``: the model passes ``budget_weight`` (times ``1 / accumulation steps``), the size
+    of the budget term's per-token gradient ``2 * budget_weight * gap / (tokens * batch)`` at a gap of one half,
+    so the two stay comparable however large the LM's gradient is.
+    """
+    groups = [g for g in groups if g is not None]
+    if not groups or not keep.requires_grad:
+        return keep
+    return _BalancedMaskGradient.apply(keep, torch.stack([g.bool() for g in groups]), float(scale))
+
+
+__all__ = ["balance_mask_gradient", "budget_loss"]

@@ -60,7 +60,7 @@ from .policies import (
     layer_keys,
     query_attention,
 )
-from .losses import budget_loss
+from .losses import balance_mask_gradient, budget_loss
 from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
 from .stats import ForwardRecord, SparsityStats
 from .validation import check_number
@@ -133,6 +133,7 @@ class DynamicLlamaModel(LlamaModel):
         answer_mask: torch.Tensor | None = None,
         gumbel_tau: float = 1.0,
         keep_override: torch.Tensor | None = None,
+        mask_gradient_scale: float = 1.0,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -143,7 +144,7 @@ class DynamicLlamaModel(LlamaModel):
         if masked_training:
             hidden = self._masked_forward(
                 inputs_embeds, attention_mask, position_ids, image_token_mask, tokens_per_image, answer_mask,
-                gumbel_tau, keep_override, record, **kwargs,
+                gumbel_tau, keep_override, record, mask_gradient_scale, **kwargs,
             )
             return BaseModelOutputWithPast(last_hidden_state=hidden)
         policy = sparsity_policy or _DEFAULT_POLICY
@@ -206,7 +207,7 @@ class DynamicLlamaModel(LlamaModel):
         # prompt): eviction policies measure a generated token's age with it
         columns = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
         text_columns = columns.masked_fill(columns < past + (seq if text_start is None else text_start), -1)
-        if bool(keep.all()):
+        if seq == 1 or bool(keep.all()):  # one new token is always computed: no host sync to know it
             index, slot_valid = None, None
             hidden_s, pos_s, cos_s, sin_s, valid_s, store_s = hidden, position_ids, cos, sin, valid, store
             columns_s, text_columns_s = columns, text_columns
@@ -228,13 +229,13 @@ class DynamicLlamaModel(LlamaModel):
             visible = self._evict_text(policy, cache, columns_s, text_columns_s, record)
         mask_2d, seq_s = valid_s, valid_s.shape[1]
         if cache is not None:
-            past_valid = cache.sparse_valid_mask()
-            if past_valid is not None:
-                mask_2d = torch.cat([past_valid, valid_s], dim=1)
             received = None
             if policy.needs_attention and text_start is not None:
-                received = self._attention_received(cache, hidden_s, (cos_s, sin_s), mask_2d, valid_s, visible)
-            cache.set_store_mask(store_s, text_columns_s, received)
+                received = self._attention_received(cache, hidden_s, (cos_s, sin_s), valid_s, visible)
+            # with one new token, only a text decision can leave it out of the cache (a padded step at most
+            # overstates the width, which the key mask covers)
+            may_drop = seq_s > 1 or record.text_decided
+            mask_2d = cache.plan_step(store_s, valid_s, text_columns_s, received, may_drop=may_drop)
         sparse_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden_s,
@@ -243,6 +244,7 @@ class DynamicLlamaModel(LlamaModel):
             position_ids=pos_s,
             layer_idx=k_layer,
             and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - seq_s),
+            allow_is_causal_skip=seq_s > 1,  # decoding: the slot mask always matters, and checking it would sync
         )
         for layer in self.layers[k_layer:]:
             hidden_s = layer(
@@ -252,13 +254,15 @@ class DynamicLlamaModel(LlamaModel):
 
     def _masked_forward(
         self, inputs_embeds, attention_mask, position_ids, image_token_mask, tokens_per_image, answer_mask,
-        gumbel_tau, keep_override, record, **kwargs,
+        gumbel_tau, keep_override, record, mask_gradient_scale=1.0, **kwargs,
     ) -> torch.Tensor:
         """Training path: the full sequence in every layer; in layers >= K dropped tokens are masked as keys.
 
         Keep masks come from the predictors: hard Gumbel-Softmax samples (straight-through) in train
         mode, the inference decisions (top share per image, keep > drop) in eval mode, or
-        `keep_override` ([B, N], 1 = keep) when given. Returns the final normed hidden states.
+        `keep_override` ([B, N], 1 = keep) when given. Under `mask_gradient="balanced"` the LM loss's gradient
+        on the masks is balanced against the budget term (`losses.balance_mask_gradient`, weighed by
+        `mask_gradient_scale`). Returns the final normed hidden states.
         """
         batch, seq = inputs_embeds.shape[:2]
         if position_ids is None:
@@ -282,6 +286,10 @@ class DynamicLlamaModel(LlamaModel):
         key_keep = self._training_keep_mask(hidden, image_token_mask, tokens_per_image, answer_mask, gumbel_tau, record)
         if keep_override is not None:
             key_keep = keep_override.to(key_keep.dtype)
+        elif self.training and self.sparsity.mask_gradient == "balanced":
+            groups = [image_token_mask, answer_mask if self.text_predictor is not None else None]
+            scale = mask_gradient_scale * self.sparsity.budget_weight  # the budget's size at a gap of 1/2
+            key_keep = balance_mask_gradient(key_keep, groups, scale)
         allowed = allowed_keys(attention_mask, batch, seq, hidden.device)
         for layer in self.layers[k_layer:]:
             if layer.gradient_checkpointing and self.training:  # recompute as the model was configured to
@@ -362,6 +370,7 @@ class DynamicLlamaModel(LlamaModel):
             return keep
         record.text_tokens = torch.full((batch,), n_judged, device=hidden.device)
         decision = policy.text_keep(self, hidden[:, judged].reshape(-1, width), position_ids[:, judged].reshape(-1))
+        record.text_decided = decision is not None
         if decision is not None:
             keep[:, judged] = decision.view(batch, n_judged)
         record.text_kept = keep[:, judged].sum(dim=1)
@@ -394,7 +403,7 @@ class DynamicLlamaModel(LlamaModel):
             record.text_evicted = hidden_keys[:, -1].sum(dim=1)  # as seen by the newest token
         return ~hidden_keys
 
-    def _attention_received(self, cache, hidden, position_embeddings, mask_2d, valid, visible):
+    def _attention_received(self, cache, hidden, position_embeddings, valid, visible):
         """Attention the new tokens pay in layer K (mean over heads), for policies that rank by it (H2O).
 
         Only the new tokens' rows are computed, over the stored layer-K keys and their own; the part
@@ -403,7 +412,9 @@ class DynamicLlamaModel(LlamaModel):
         k_layer = self.sparsity.sparse_layer
         layer, stored = self.layers[k_layer], cache.layers[k_layer]
         new_keys = layer_keys(layer, hidden, position_embeddings)
+        past_valid = cache.sparse_valid_mask()
         keys = torch.cat([stored.keys, new_keys], dim=2) if stored.is_initialized else new_keys
+        mask_2d = valid if past_valid is None or not stored.is_initialized else torch.cat([past_valid, valid], dim=1)
         queries, n_stored = hidden.shape[1], keys.shape[2] - hidden.shape[1]
         causal = torch.ones(queries, n_stored + queries, dtype=torch.bool, device=hidden.device).tril(n_stored)
         allowed = (causal & mask_2d.unsqueeze(1)) | ~valid.unsqueeze(2)  # filler rows: anything, then zeroed
@@ -590,6 +601,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         answer_mask: torch.Tensor | None = None,
         gumbel_tau: float = 1.0,
         keep_override: torch.Tensor | None = None,
+        mask_gradient_scale: float = 1.0,
         num_items_in_batch: int | torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         **kwargs,
@@ -605,7 +617,8 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         every layer, layers >= K mask dropped tokens as keys (`attention.py`), and the loss is the LM
         cross-entropy plus `budget_weight * (R_I + R_OT)`. `answer_mask` marks the answer tokens the
         output-text predictor may drop; `gumbel_tau` is the Gumbel-Softmax temperature;
-        `keep_override` ([B, N], 1 = keep) replaces the predictors' decisions.
+        `keep_override` ([B, N], 1 = keep) replaces the predictors' decisions; `mask_gradient_scale` weighs
+        this micro-batch's balanced mask gradient (the trainer passes 1 / accumulation steps).
 
         `mm_encoder_outputs` (image features encoded beforehand) is named here so that `generate()` encodes
         the images before it repeats the inputs per beam or per returned sequence, as it does for the stock
@@ -634,7 +647,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             check_number("gumbel_tau", gumbel_tau, 0.0, low_open=True, hint="the Gumbel-Softmax temperature")
             return self._masked_training_forward(
                 input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
-                keep_override, num_items_in_batch, kwargs,
+                keep_override, num_items_in_batch, kwargs, mask_gradient_scale,
             )
         if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
             past_key_values = None  # an empty default cache: replace it with ours
@@ -674,7 +687,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _masked_training_forward(
         self, input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,
-        keep_override, num_items_in_batch, kwargs,
+        keep_override, num_items_in_batch, kwargs, mask_gradient_scale=1.0,
     ) -> "DynamicLlavaOutput":
         image_token_mask, per_image = self._check_inputs(input_ids, pixel_values, kwargs, None, None, attention_mask)
         record = ForwardRecord()
@@ -689,6 +702,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             answer_mask=answer_mask,
             gumbel_tau=gumbel_tau,
             keep_override=keep_override,
+            mask_gradient_scale=mask_gradient_scale,
             sparsity_record=record,
             use_cache=False,
             **kwargs,
@@ -786,6 +800,8 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         made_here = user_cache is None and generation_config.use_cache is not False
         if made_here:
             model_kwargs["past_key_values"] = DynamicLlavaCache.from_config(self.config)
+        if model_kwargs.get("past_key_values") is not None and generation_config.max_new_tokens:
+            model_kwargs["past_key_values"].reserve(generation_config.max_new_tokens)  # the buffers grow once
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if made_here:
             model_kwargs["past_key_values"]._is_user_defined = False  # ours, not the caller's

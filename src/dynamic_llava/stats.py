@@ -17,6 +17,7 @@ class ForwardRecord:
     image_kept: torch.Tensor | None = None  # [B] of those, kept for layers >= K
     text_tokens: torch.Tensor | None = None  # [B] generated tokens judged by the text policy
     text_kept: torch.Tensor | None = None  # [B] of those, kept
+    text_decided: bool = False  # the text policy decided on this input's tokens (so some may be left out)
     text_evicted: torch.Tensor | None = None  # [B] earlier generated tokens evicted (cache) / hidden from the newest
     image_keep_mean: torch.Tensor | None = None  # training: [B] mean (differentiable) keep of image tokens
     text_keep_mean: torch.Tensor | None = None  # training: [B] mean keep of the eligible answer tokens

@@ -84,7 +84,8 @@ class DynamicLlavaTrainer(Trainer):
     # ---------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tau = gumbel_temperature(self.state.global_step, self.state.max_steps)
-        outputs = model(**inputs, gumbel_tau=tau, num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs, gumbel_tau=tau, num_items_in_batch=num_items_in_batch,
+                        mask_gradient_scale=1.0 / self.current_gradient_accumulation_steps)
         lm_loss = outputs.lm_loss
         if num_items_in_batch is None:
             lm_loss = lm_loss / self.current_gradient_accumulation_steps
