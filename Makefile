@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-engine world
+.PHONY: install demo test bench bench-engine bench-decode world
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ bench: install
 # Dense vs Dynamic-LLaVA on one random-weight model, with a per-component breakdown of prefill.
 bench-engine: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/engine_benchmark.py
+
+bench-decode: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode_vs_stock.py --output results/decode_vs_stock.json
 
 
 # Rebuild the synthetic world from nothing: data, the tiny dense LLaVA, its Dynamic-LLaVA, the report.

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from tiny import tiny_dynamic
+from transformers import LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
 from dynamic_llava import DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, costs
@@ -87,17 +88,27 @@ def world_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     DynamicLlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
+    dense = folder.parent / "tiny-llava"  # the plain llava-hf model it would be fine-tuned from
+    LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=3)).save_pretrained(dense)
+    processor.save_pretrained(dense)
     return folder
 
 
 def test_accuracy_sweep_holds_the_budgets(world_checkpoint, tmp_path):
-    settings = AccuracySettings(checkpoint=str(world_checkpoint), image_rates=(0.2,), text_rates=(0.5,),
-                                questions=30, calibration=6, batch_size=8, seed=3)
+    settings = AccuracySettings(checkpoint=str(world_checkpoint), baseline_checkpoint=str(world_checkpoint.parent /
+                                "tiny-llava"), image_rates=(0.2,), text_rates=(0.5,), questions=30, calibration=6,
+                                batch_size=8, seed=3)
     report = run_accuracy(settings, log=lambda _: None)
     methods = [(p["method"], p["image_keep_rate"]) for p in report["image_sweep"]]
-    assert methods == [("dense", 1.0), *((m, 0.2) for m in ("dynamic-llava", "fastv", "cdpruner", "dart", "random"))]
+    baselines = ("fastv", "cdpruner", "dart", "random")
+    assert methods == [("dense", 1.0), ("dynamic-llava", 1.0), ("dynamic-llava", 0.2), *((m, 0.2) for m in baselines),
+                       *((f"{m} on the fine-tuned LM", 0.2) for m in baselines)]
     assert sum(report["questions_per_type"].values()) == report["short_questions"]
-    dense, *pruned = report["image_sweep"]
+    dense, _, *pruned = report["image_sweep"]
+    on_dense, on_fine_tuned = pruned[1:5], pruned[5:]
+    # the two models differ (random weights of each), so the same policy scores differently on them
+    assert [p["describe_ppl"] for p in on_dense] != [p["describe_ppl"] for p in on_fine_tuned]
+    pruned = pruned[:5]
     assert dense["image_tokens_kept"] == 64
     for point in pruned:
         assert point["image_tokens_kept"] == int(0.2 * 64)

@@ -215,3 +215,21 @@ def test_several_images_per_prompt_with_beams_equal_stock(mode):
                                      pixel_values=pixels[2 * i : 2 * i + 2], max_new_tokens=6, min_new_tokens=6,
                                      do_sample=False, suppress_tokens=[IMAGE_TOKEN], num_beams=3)
             assert torch.equal(single[0, n:], batched[i, ids.shape[1] :])
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_a_chunk_after_the_prompt_equals_the_whole_sequence_at_once(attn):
+    """Several new tokens on a cache whose samples hold different numbers of kept tokens (a follow-up turn):
+    the same logits as the prompt and the chunk run together without a cache."""
+    model = tiny_dynamic(attn=attn, image_keep_rate=0.25, text_keep_rate=1.0)
+    ids, mask, pixels = make_prompts([3, 6, 1], [4, 2, 7], seed=8)
+    chunk = torch.randint(4, 60, (3, 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+        cache = first.past_key_values
+        assert len(set(cache.layer_lengths()[model.config.sparse_layer].tolist())) > 1
+        full_mask = torch.cat([mask, torch.ones_like(chunk)], dim=1)
+        after = model(input_ids=chunk, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+        whole = model(input_ids=torch.cat([ids, chunk], dim=1), attention_mask=full_mask, pixel_values=pixels)
+    assert whole.kept_index is not None and after.kept_index is None  # the chunk is text: every token kept
+    torch.testing.assert_close(after.logits, whole.logits[:, -3:], atol=1e-5, rtol=0)  # logits of kept tokens

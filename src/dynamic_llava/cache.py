@@ -101,6 +101,7 @@ class SlotTable:
             self.lengths, self.text_columns, self.attention = (
                 index_fn(t) for t in (self.lengths, self.text_columns, self.attention)
             )
+            self.exact = False  # the longest sample may be gone: the width is an upper bound now
 
 
 class SparseLayer(DynamicLayer):
@@ -225,7 +226,11 @@ class SparseLayer(DynamicLayer):
         self._select_batch(lambda t: t[indices])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        """Beam search, every step: reorder the live slots in place (the spare room is not copied)."""
+        if self.is_initialized:
+            width, index = self.table.width, beam_idx.to(self.key_buffer.device)
+            self.key_buffer[:, :, :width] = self.key_buffer[:, :, :width].index_select(0, index)
+            self.value_buffer[:, :, :width] = self.value_buffer[:, :, :width].index_select(0, index)
 
     def offload(self) -> None:
         if self.is_initialized:
@@ -311,6 +316,7 @@ class DynamicLlavaCache(Cache):
             table.width, table.exact = past + 1, not may_drop
             return mask
         table.ensure_capacity(past + q + 1)
+        past_valid = table.valid_mask(past)  # before the new tokens count
         rank = store.long().cumsum(dim=1) - 1
         spare = table.capacity - 1  # not-stored tokens are written here: past every sample's length
         append = torch.where(store, lengths.unsqueeze(1) + rank, torch.full_like(rank, spare))
@@ -321,7 +327,7 @@ class DynamicLlavaCache(Cache):
         table.width, table.exact = int(table.lengths.max()), True
         table.text_columns[:, spare] = -1
         table.attention[:, spare] = 0.0
-        return torch.cat([table.valid_mask(past) if past else valid[:, :0], valid], dim=1)
+        return torch.cat([past_valid, valid], dim=1)
 
     def sparse_valid_mask(self) -> torch.Tensor | None:
         """[B, T] bool validity of the sparse layers' slots before the step (the keys a new query may see)."""

@@ -286,6 +286,8 @@ def bench(
 @app.command("bench-accuracy")
 def bench_accuracy(
     checkpoint: str = typer.Option("checkpoints/tiny-dynamic-llava", help="The trained world model."),
+    baseline_checkpoint: str = typer.Option("checkpoints/tiny-llava", help="The dense model it was fine-tuned "
+                                            "from: the training-free baselines run on it ('none': on CHECKPOINT)."),
     questions: int = typer.Option(1200, help="Test records evaluated (short questions, descriptions, listings)."),
     seed: int = typer.Option(0, min=0, help="Generator seed of the test split (the shipped models were built on 0)."),
     output: str = typer.Option("results", help="Folder for accuracy.json and the plots."),
@@ -301,11 +303,16 @@ def bench_accuracy(
 
     if not (Path(checkpoint) / "config.json").is_file():
         _fail(f"No trained world model at {checkpoint}: build it with `make world` or pass --checkpoint.")
+    baseline = None if baseline_checkpoint.lower() == "none" else baseline_checkpoint
+    if baseline is not None and not (Path(baseline) / "config.json").is_file():
+        _fail(f"No dense model at {baseline} (--baseline-checkpoint): pass the folder of the model the checkpoint "
+              "was fine-tuned from, or 'none' to run the baselines on --checkpoint.")
     if questions < 10:
         _fail(f"--questions must be at least 10, got {questions}.")
     _writable_folder(output, "--output")
     console = Console(width=160)
-    report = run_accuracy(AccuracySettings(checkpoint=checkpoint, questions=questions, seed=seed), log=console.log)
+    report = run_accuracy(AccuracySettings(checkpoint=checkpoint, baseline_checkpoint=baseline, questions=questions,
+                                           seed=seed), log=console.log)
     for table in accuracy_tables(report):
         console.print(table)
     path = write_report(report, Path(output) / "accuracy.json")

@@ -3,7 +3,10 @@
 * Image budget (keep 0.1 / 0.2 / 0.5 of each image's tokens; generated tokens all kept): exact match
   per question type and the teacher-forced perplexity of reference descriptions, for Dynamic-LLaVA's
   image predictor, FastV, CDPruner-style and DART-style selection and random selection, next to the
-  dense model; with each point's exact prefill FLOPs.
+  dense model; with each point's exact prefill FLOPs. The training-free methods run on the dense model
+  the Dynamic-LLaVA checkpoint was fine-tuned from (`baseline_checkpoint`), as the literature compares
+  them, and again on the fine-tuned checkpoint ("... on the fine-tuned LM"), which isolates the choice
+  of tokens from the language model's adaptation to pruned inputs.
 * Text budget (0.2 / 0.5 / 0.8 of the generated tokens held in layers >= K; image tokens all kept):
   perplexity of reference listings (the objects in a random order, then backwards: the second part
   can only be read from the first), decoded with the KV cache, over the whole listing and over its
@@ -44,6 +47,7 @@ from ..world.scenes import write_split
 @dataclass
 class AccuracySettings:
     checkpoint: str = "checkpoints/tiny-dynamic-llava"
+    baseline_checkpoint: str | None = "checkpoints/tiny-llava"  # the dense model; None: baselines on `checkpoint` only
     image_rates: tuple[float, ...] = (0.1, 0.2, 0.5)
     text_rates: tuple[float, ...] = (0.2, 0.5, 0.8)
     questions: int = 1200  # test records read (short questions, descriptions and listings among them)
@@ -97,6 +101,10 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
 
     model, processor = load_world_model(settings.checkpoint)
     model.config.text_keep_rate = 1.0  # image sweep: generated tokens all kept
+    dense = None
+    if settings.baseline_checkpoint is not None:
+        dense, _ = load_world_model(settings.baseline_checkpoint, quiet=True)
+        dense.config.image_keep_rate = dense.config.text_keep_rate = 1.0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         test = first_turns(json.loads(write_split(root, "test", settings.questions, seed=settings.seed).read_text()))
@@ -113,9 +121,9 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
                   "descriptions": len(long), "listings": len(listings), "image_tokens": per_image,
                   "image_sweep": [], "text_sweep": []}
 
-        def image_point(method, rate, policy, predictor):
-            per_type, overall = _exact_match(model, processor, short, images, policy, settings.batch_size)
-            ppl = answer_perplexity(model, processor, long, images, policy=policy, progress=False)
+        def image_point(method, rate, policy, predictor, on=model):
+            per_type, overall = _exact_match(on, processor, short, images, policy, settings.batch_size)
+            ppl = answer_perplexity(on, processor, long, images, policy=policy, progress=False)
             kept = per_image if rate >= 1.0 else int(rate * per_image)
             point = {"method": method, "image_keep_rate": rate, "image_tokens_kept": kept, "accuracy": per_type,
                      "accuracy_all": overall, "describe_ppl": ppl,
@@ -123,13 +131,19 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
             report["image_sweep"].append(point)
             log(f"image keep {rate}: {method}: accuracy {overall:.1%}, description PPL {ppl:.3f}")
 
-        image_point("dense", 1.0, LearnedPolicy(image_keep_rate=1.0), False)
+        if dense is not None:
+            image_point("dense", 1.0, LearnedPolicy(image_keep_rate=1.0), False, on=dense)
+        image_point("dynamic-llava" if dense is not None else "dense", 1.0, LearnedPolicy(image_keep_rate=1.0), False)
+        baselines = {"fastv": lambda r: FastVPolicy(image_keep_rate=r), "cdpruner": lambda r: CDPrunerPolicy(image_keep_rate=r),
+                     "dart": lambda r: DARTPolicy(image_keep_rate=r),
+                     "random": lambda r: RandomPolicy(image_keep_rate=r, seed=settings.seed)}
         for rate in settings.image_rates:
             image_point("dynamic-llava", rate, LearnedPolicy(image_keep_rate=rate), True)
-            image_point("fastv", rate, FastVPolicy(image_keep_rate=rate), False)
-            image_point("cdpruner", rate, CDPrunerPolicy(image_keep_rate=rate), False)
-            image_point("dart", rate, DARTPolicy(image_keep_rate=rate), False)
-            image_point("random", rate, RandomPolicy(image_keep_rate=rate, seed=settings.seed), False)
+            for name, make in baselines.items():
+                image_point(name, rate, make(rate), False, on=dense if dense is not None else model)
+            if dense is not None:
+                for name, make in baselines.items():
+                    image_point(f"{name} on the fine-tuned LM", rate, make(rate), False)
 
         lengths = [len(processor.tokenizer(i["answer"], add_special_tokens=False).input_ids) + 1 for i in listings]
         typical = statistics.median(lengths)

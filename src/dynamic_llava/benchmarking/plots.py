@@ -31,12 +31,13 @@ def accuracy_vs_flops(report: dict, path: str | Path) -> Path:
         by_method.setdefault(point["method"], []).append(point)
     for method, points in by_method.items():
         points = sorted(points, key=lambda p: p["prefill_flops"])
-        color, marker = STYLE.get(method, ("tab:orange", "x"))
+        base = method.split(" on the ")[0]  # "fastv on the fine-tuned LM": fastv's colour, dashed
+        color, marker = STYLE.get(base, ("tab:orange", "x"))
+        line = dict(marker=marker, color=color, label=method, markersize=12 if method == "dense" else 6,
+                    linestyle="--" if base != method else "-", alpha=0.5 if base != method else 1.0)
         x = [p["prefill_flops"] / 1e9 for p in points]
-        acc.plot(x, [100 * p["accuracy_all"] for p in points], marker=marker, color=color, label=method,
-                 markersize=12 if method == "dense" else 6)
-        ppl.plot(x, [p["describe_ppl"] for p in points], marker=marker, color=color, label=method,
-                 markersize=12 if method == "dense" else 6)
+        acc.plot(x, [100 * p["accuracy_all"] for p in points], **line)
+        ppl.plot(x, [p["describe_ppl"] for p in points], **line)
         for p in points:
             acc.annotate(f"{p['image_keep_rate']:g}", (p["prefill_flops"] / 1e9, 100 * p["accuracy_all"]),
                          textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
@@ -44,7 +45,7 @@ def accuracy_vs_flops(report: dict, path: str | Path) -> Path:
             title="Accuracy vs prefill compute (labels: image keep rate)")
     ppl.set(xlabel="prefill GFLOPs per sample (exact)", ylabel="description perplexity (teacher forced)",
             title="Long-answer perplexity vs prefill compute")
-    acc.legend()
+    acc.legend(fontsize=7)
     acc.grid(alpha=0.3)
     ppl.grid(alpha=0.3)
     return _save(fig, Path(path))

@@ -70,11 +70,19 @@ def world_workload(model, processor, batch: int, question: str = "describe the i
                     processor.tokenizer.pad_token_id, [model.config.image_token_id])
 
 
-def load_world_model(folder: str | Path, max_positions: int | None = None):
-    """(model, processor) of a world checkpoint; `max_positions` widens the context for long generations."""
+def load_world_model(folder: str | Path, max_positions: int | None = None, quiet: bool = False):
+    """(model, processor) of a world checkpoint; `max_positions` widens the context for long generations;
+    `quiet` leaves out the note that a dense checkpoint gets fresh predictors (for policies that do not use them)."""
     from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
 
-    model = DynamicLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        model = DynamicLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    finally:
+        hf_logging.set_verbosity(level)
     if max_positions is not None:
         model.config.text_config.max_position_embeddings = max(max_positions,
                                                                model.config.text_config.max_position_embeddings)
