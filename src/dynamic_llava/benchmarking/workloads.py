@@ -73,16 +73,18 @@ def world_workload(model, processor, batch: int, question: str = "describe the i
 def load_world_model(folder: str | Path, max_positions: int | None = None, quiet: bool = False):
     """(model, processor) of a world checkpoint; `max_positions` widens the context for long generations;
     `quiet` leaves out the note that a dense checkpoint gets fresh predictors (for policies that do not use them)."""
-    from transformers import AutoProcessor
-    from transformers.utils import logging as hf_logging
+    import logging
 
-    level = hf_logging.get_verbosity()
+    from transformers import AutoProcessor
+
+    note = logging.getLogger("dynamic_llava.modeling")  # says when a checkpoint gets fresh predictors
+    level = note.level
     if quiet:
-        hf_logging.set_verbosity_error()
+        note.setLevel(logging.ERROR)
     try:
         model = DynamicLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     finally:
-        hf_logging.set_verbosity(level)
+        note.setLevel(level)
     if max_positions is not None:
         model.config.text_config.max_position_embeddings = max(max_positions,
                                                                model.config.text_config.max_position_embeddings)
