@@ -125,3 +125,18 @@ def test_balanced_mask_gradient_does_not_grow_with_the_lm_loss():
     small, large = _predictor_grads("raw", 1.0), _predictor_grads("raw", 1000.0)
     for a, b in zip(small, large):
         torch.testing.assert_close(1000.0 * a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_layers_from_k_run_their_own_forward_with_the_masked_attention():
+    """Hooks on a whole decoder layer see the training path (what FSDP-style wrapping needs); the shared
+    config's attention implementation is what it was afterwards."""
+    model = tiny_dynamic().train()
+    k = model.config.sparse_layer
+    seen = []
+    model.model.language_model.layers[k].register_forward_hook(lambda module, args, kwargs_out: seen.append(True))
+    ids, mask, pixels = make_prompts([3, 6], [8, 5], seed=1)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids,
+                answer_mask=answer_mask_for(mask, 4), gumbel_tau=0.5)
+    out.loss.backward()
+    assert seen == [True]
+    assert model.config.text_config._attn_implementation == "sdpa"

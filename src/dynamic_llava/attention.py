@@ -5,13 +5,20 @@ SDPA cannot take a differentiable multiplicative key mask, so layers >= K comput
 fp32, multiplied by the key mask G (G[i, j] = keep[j] for j != i, G[i, i] = 1: a token always sees
 itself), renormalised. With a hard 0/1 mask this equals removing the dropped keys, which is what
 inference does; dropped tokens are still computed as queries.
+
+It is registered with transformers' `AttentionInterface` as ``"dynamic_llava_masked"``, and
+`masked_layer_forward` runs a decoder layer's own `forward` with it, so whatever the layer does
+around attention (norms, projections, rotary, LoRA wrappers) is the layer's.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import repeat_kv
 
 EPS = 1e-6
 
@@ -51,22 +58,40 @@ def masked_softmax_attention(
     return out.transpose(1, 2).contiguous()
 
 
+MASKED_ATTENTION = "dynamic_llava_masked"
+
+
+def _masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, key_keep=None,
+                      **kwargs):
+    """`AttentionInterface` entry: `attention_mask` is the [B, 1, N, N] bool `allowed_keys`, `key_keep` [B, N]."""
+    if key_keep is None:
+        raise RuntimeError(f"{MASKED_ATTENTION} attention needs key_keep: run the layer through masked_layer_forward.")
+    return masked_softmax_attention(query, key, value, attention_mask, key_keep, scaling, dropout, module.training), None
+
+
+AttentionInterface.register(MASKED_ATTENTION, _masked_attention)
+
+
+@contextmanager
+def _masked_attention_in(layer):
+    """Inside the block ``layer`` attends with `MASKED_ATTENTION` (its config is shared by the layers, so it is
+    switched back after) and does not checkpoint itself: the caller checkpoints `masked_layer_forward` whole,
+    so that the recomputation runs inside this block too."""
+    config = layer.self_attn.config
+    previous, checkpointing = config._attn_implementation_internal, getattr(layer, "gradient_checkpointing", False)
+    config._attn_implementation_internal = MASKED_ATTENTION
+    layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
+        layer.gradient_checkpointing = checkpointing
+
+
 def masked_layer_forward(layer, hidden, position_embeddings, allowed, key_keep) -> torch.Tensor:
-    """One `LlamaDecoderLayer` with `masked_softmax_attention`, using the layer's own modules (LoRA-wrapped or not)."""
-    attn = layer.self_attn
-    residual = hidden
-    x = layer.input_layernorm(hidden)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    query = attn.q_proj(x).view(shape).transpose(1, 2)
-    key = attn.k_proj(x).view(shape).transpose(1, 2)
-    value = attn.v_proj(x).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    out = masked_softmax_attention(
-        query, key, value, allowed, key_keep, attn.scaling, attn.attention_dropout, attn.training
-    )
-    hidden = residual + attn.o_proj(out.reshape(*x.shape[:-1], -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    """A decoder layer's own forward with the masked-softmax attention (checkpoint this function, not the layer)."""
+    with _masked_attention_in(layer):
+        return layer(hidden, attention_mask=allowed, position_embeddings=position_embeddings, key_keep=key_keep)
 
 
-__all__ = ["allowed_keys", "masked_softmax_attention", "masked_layer_forward"]
+__all__ = ["MASKED_ATTENTION", "allowed_keys", "masked_softmax_attention", "masked_layer_forward"]
