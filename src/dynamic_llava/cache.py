@@ -167,7 +167,7 @@ class SparseLayer(DynamicLayer):
 
     def valid_mask(self) -> torch.Tensor:
         """[B, T] bool: which stored slots hold a token of their sample."""
-        return self.table.valid_mask()
+        return self.table.valid_mask(self.table.settle())
 
     def _fit_buffers(self) -> None:
         grow = self.table.capacity - self.key_buffer.shape[2]
@@ -331,17 +331,18 @@ class DynamicLlavaCache(Cache):
 
     def sparse_valid_mask(self) -> torch.Tensor | None:
         """[B, T] bool validity of the sparse layers' slots before the step (the keys a new query may see)."""
-        return self.table.valid_mask() if self.table.is_initialized else None
+        return self.table.valid_mask(self.table.settle()) if self.table.is_initialized else None
 
     def stored_text_columns(self) -> torch.Tensor | None:
         """[B, T] long: the column of each stored generated token in the sparse layers, -1 elsewhere."""
         if not self.table.is_initialized:
             return None
-        return self.table.text_columns[:, : self.table.width].masked_fill(~self.table.valid_mask(), -1)
+        width = self.table.settle()
+        return self.table.text_columns[:, :width].masked_fill(~self.table.valid_mask(width), -1)
 
     def stored_attention(self) -> torch.Tensor | None:
         """[B, T] float: attention each stored token has received in layer K (accumulated by `add_attention`)."""
-        return self.table.attention[:, : self.table.width] if self.table.is_initialized else None
+        return self.table.attention[:, : self.table.settle()] if self.table.is_initialized else None
 
     def stored_keys(self, layer_idx: int) -> torch.Tensor | None:
         """[B, H, T, D]: the keys a sparse layer holds before the step (a view)."""
@@ -359,7 +360,7 @@ class DynamicLlavaCache(Cache):
         tokens. One host sync (the new width).
         """
         table = self.table
-        keep = table.valid_mask() & ~drop
+        keep = table.valid_mask(table.settle()) & ~drop
         lengths = keep.sum(dim=1)
         evicted = table.lengths - lengths
         width, total = torch.stack([lengths.max(), evicted.sum()]).tolist()  # the one host sync
