@@ -535,6 +535,8 @@ CLI_CASES = [
     ),
     ("train lr -1", lambda env: train_args(env, "--learning-rate", "-1"), "learning_rate=-1.0"),
     ("train budget nan", lambda env: train_args(env, "--budget-weight", "nan"), "budget_weight=nan"),
+    ("train mask gradient unknown", lambda env: train_args(env, "--mask-gradient", "centred"),
+     "mask_gradient='centred': expected 'balanced' or 'raw'"),
     ("train keep rate 0", lambda env: train_args(env, "--image-keep-rate", "0"), "image_keep_rate=0.0"),
     (
         "train sparse layer 9",

@@ -140,6 +140,8 @@ def train(
     sparse_layer: int = typer.Option(None, help="Layer K whose input the predictors read (default: the model's)."),
     budget_weight: float = typer.Option(None, help="lambda of the budget loss (default: the model's, 100)."),
     min_answer_tokens: int = typer.Option(None, help="Answers shorter than this keep every token (default 50)."),
+    mask_gradient: str = typer.Option(None, help="balanced | raw: how the LM loss's gradient reaches the keep masks "
+                                      "(default: the model's, balanced; raw is the authors' estimator)."),
     on_bad_record: str = typer.Option("skip", help="skip | raise: what to do with a malformed record."),
     chat_template: str = typer.Option(
         None, help='"llava_v1" (answers end with </s>) or a Jinja template; default: the processor\'s.'
@@ -159,7 +161,7 @@ def train(
         name: value
         for name, value in dict(
             image_keep_rate=image_keep_rate, text_keep_rate=text_keep_rate, sparse_layer=sparse_layer,
-            budget_weight=budget_weight, min_answer_tokens=min_answer_tokens,
+            budget_weight=budget_weight, min_answer_tokens=min_answer_tokens, mask_gradient=mask_gradient,
         ).items()
         if value is not None
     }
