@@ -14,6 +14,7 @@ and bytes allocated are counted once per method (`dynamic_llava.benchmarking.cou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -77,7 +78,7 @@ class Runner:
     def step(self, counter=None) -> None:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         start = time.perf_counter()
-        with torch.no_grad(), (counter or _nothing()):
+        with torch.no_grad(), (counter or contextlib.nullcontext()):
             out = self.model(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache,
                              use_cache=True, **self.kwargs)
             self.token = out.logits[:, -1:].argmax(-1)
@@ -86,14 +87,6 @@ class Runner:
     def kv_bytes(self) -> int:
         return self.cache.nbytes() if isinstance(self.cache, DynamicLlavaCache) else sum(
             layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def run_batch(args, batch: int, stock, ours) -> dict:

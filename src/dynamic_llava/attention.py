@@ -66,7 +66,8 @@ def _masked_attention(module, query, key, value, attention_mask, scaling=None, d
     """`AttentionInterface` entry: `attention_mask` is the [B, 1, N, N] bool `allowed_keys`, `key_keep` [B, N]."""
     if key_keep is None:
         raise RuntimeError(f"{MASKED_ATTENTION} attention needs key_keep: run the layer through masked_layer_forward.")
-    return masked_softmax_attention(query, key, value, attention_mask, key_keep, scaling, dropout, module.training), None
+    out = masked_softmax_attention(query, key, value, attention_mask, key_keep, scaling, dropout, module.training)
+    return out, None
 
 
 AttentionInterface.register(MASKED_ATTENTION, _masked_attention)

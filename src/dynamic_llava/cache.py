@@ -344,11 +344,6 @@ class DynamicLlavaCache(Cache):
         """[B, T] float: attention each stored token has received in layer K (accumulated by `add_attention`)."""
         return self.table.attention[:, : self.table.settle()] if self.table.is_initialized else None
 
-    def stored_keys(self, layer_idx: int) -> torch.Tensor | None:
-        """[B, H, T, D]: the keys a sparse layer holds before the step (a view)."""
-        layer = self.layers[layer_idx]
-        return layer.keys if layer.is_initialized else None
-
     def add_attention(self, received: torch.Tensor) -> None:
         """Add [B, T] attention received by the stored slots (every sparse layer shares the slot layout)."""
         self.table.attention[:, : received.shape[1]] += received

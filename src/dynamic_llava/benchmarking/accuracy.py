@@ -134,7 +134,8 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
         if dense is not None:
             image_point("dense", 1.0, LearnedPolicy(image_keep_rate=1.0), False, on=dense)
         image_point("dynamic-llava" if dense is not None else "dense", 1.0, LearnedPolicy(image_keep_rate=1.0), False)
-        baselines = {"fastv": lambda r: FastVPolicy(image_keep_rate=r), "cdpruner": lambda r: CDPrunerPolicy(image_keep_rate=r),
+        baselines = {"fastv": lambda r: FastVPolicy(image_keep_rate=r),
+                     "cdpruner": lambda r: CDPrunerPolicy(image_keep_rate=r),
                      "dart": lambda r: DARTPolicy(image_keep_rate=r),
                      "random": lambda r: RandomPolicy(image_keep_rate=r, seed=settings.seed)}
         for rate in settings.image_rates:

@@ -211,5 +211,5 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
     return report
 
 
-__all__ = ["BACKWARDS", "answer_perplexities", "answer_perplexity", "answer_questions", "batch_inputs", "evaluate_world", "first_turns",
-           "listing_correct", "prompt_inputs", "world_prompt"]
+__all__ = ["BACKWARDS", "answer_perplexities", "answer_perplexity", "answer_questions", "batch_inputs",
+           "evaluate_world", "first_turns", "listing_correct", "prompt_inputs", "world_prompt"]

@@ -80,9 +80,14 @@ DENSE_FIELDS = ("seed", "vision_steps", "vision_batch_size", "pool_size", "held_
                 "dense_weight_decay", "decoder_heads")  # the settings that shape the dense model
 
 
+def _dense_fingerprint(recipe: WorldRecipe) -> dict:
+    """The recipe's settings that shape the dense model, as saved beside each dense stage."""
+    return {k: getattr(recipe, k) for k in DENSE_FIELDS}
+
+
 def _check_same_run(found: dict, recipe: WorldRecipe, where: Path) -> None:
     """Refuse to reuse a dense stage that another recipe wrote, naming the settings that differ."""
-    wanted = {k: getattr(recipe, k) for k in DENSE_FIELDS}
+    wanted = _dense_fingerprint(recipe)
     differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
     if differ:
         listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
@@ -150,7 +155,7 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         stamp = work / f"dense-{index + 1}.recipe.json"
         if resume.is_file() and stamp.is_file():
             _check_same_run(json.loads(stamp.read_text()), recipe, resume)
-        stamp.write_text(json.dumps({k: getattr(recipe, k) for k in DENSE_FIELDS}))
+        stamp.write_text(json.dumps(_dense_fingerprint(recipe)))
         result = train_stage(dense, encoder, *pools, stage, seed=recipe.seed, pad_id=processor.tokenizer.pad_token_id,
                              checkpoint=resume)
         log(f"dense stage {stage.name!r}: {result['steps']} steps, {result['seconds']} s, targets met: "
@@ -158,7 +163,7 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         staging = work / f"dense-{index + 1}.partial"
         staging.mkdir(parents=True, exist_ok=True)
         save_file(dense.state_dict(), staging / "model.safetensors")
-        (staging / "stage.json").write_text(json.dumps({**result, "recipe": {k: getattr(recipe, k) for k in DENSE_FIELDS}}))
+        (staging / "stage.json").write_text(json.dumps({**result, "recipe": _dense_fingerprint(recipe)}))
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)

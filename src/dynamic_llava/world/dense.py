@@ -226,7 +226,7 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
             logger.info(line)
             if progress:
                 tqdm.write(line)
-            met = bool(stage.targets) and all(scores[k] >= t for k, t in stage.targets.items())  # none: run on
+            met = _targets_met(stage, scores)
             if decay_from is None and step >= stage.min_steps and met:
                 decay_from, total = step, min(total, step + stage.decay_steps)
             if checkpoint is not None:
@@ -238,8 +238,13 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
     bar.close()
     final = stage.history[-1] if stage.history else {}
     return {"name": stage.name, "steps": step, "seconds": round(time.time() - started),
-            "reached_targets": bool(stage.targets) and all(final.get(k, 0.0) >= t for k, t in stage.targets.items()),
+            "reached_targets": _targets_met(stage, final),
             "history": stage.history}
+
+
+def _targets_met(stage: Stage, scores: dict) -> bool:
+    """Every held-out target of the stage reached (a stage without targets never meets them: it runs on)."""
+    return bool(stage.targets) and all(scores.get(k, 0.0) >= t for k, t in stage.targets.items())
 
 
 def _save_state(path, state: dict) -> None:
