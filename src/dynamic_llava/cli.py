@@ -1,4 +1,5 @@
-"""Command line: `dynamic-llava demo`, `train`, `world`, `bench`, `bench-accuracy`, `costs` and `version`."""
+"""Command line: `dynamic-llava demo`, `train`, `world`, `bench`, `bench-accuracy`, `costs`, `convert` and
+`version`."""
 
 from __future__ import annotations
 
@@ -375,6 +376,41 @@ def costs_command(
     table.add_row("KV cache at the end (MiB)", f"{dense_kv / 2**20:.1f}", f"{sparse_kv / 2**20:.1f}",
                   f"{dense_kv / sparse_kv:.2f}x")
     Console().print(table)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Checkpoint folder: the authors' Dynamic-LLaVA release, an original LLaVA-1.5 "
+                                 "one, or a llava-hf one."),
+    output: str = typer.Argument(..., help="Folder to write the Dynamic-LLaVA checkpoint to (must not hold files)."),
+    vision_tower: str = typer.Option(None, "--vision-tower", help="CLIP folder of the vision tower (LLaVA-1.5 "
+                                     "releases do not store it: a local openai/clip-vit-large-patch14-336)."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Folder with the tokenizer (default: the source)."),
+    dtype: str = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: the source's)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT (only once the new one is complete)."),
+) -> None:
+    """Convert released weights into a Dynamic-LLaVA checkpoint, streaming shard by shard; every tensor is placed
+    or named, and what cannot be mapped is refused before anything is written."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = max_shard_size.strip().upper()
+    unit = next((u for u in sorted(units, key=len, reverse=True) if text.endswith(u)), "B")
+    try:
+        size = int(float(text[: len(text) - len(unit)] if text.endswith(unit) else text) * units[unit])
+    except ValueError:
+        size = 0
+    if size < 1:
+        _fail(f"--max-shard-size {max_shard_size!r}: give a size such as 5GB or 500MB.")
+    from .conversion import ConversionError
+    from .conversion import convert as run_conversion
+
+    try:
+        report = run_conversion(source, output, vision_tower=vision_tower, tokenizer=tokenizer, dtype=dtype,
+                                max_shard_size=size, overwrite=overwrite)
+    except ConversionError as err:
+        _fail(str(err))
+    for line in report.lines():
+        typer.echo(line)
 
 
 @app.command()
