@@ -1,5 +1,5 @@
-"""Command line: `dynamic-llava demo`, `train`, `world`, `bench`, `bench-accuracy`, `costs`, `convert` and
-`version`."""
+"""Command line: `dynamic-llava demo`, `train`, `world`, `bench`, `bench-accuracy`, `costs`, `convert`,
+`eval`, `score` and `version`."""
 
 from __future__ import annotations
 
@@ -411,6 +411,118 @@ def convert(
         _fail(str(err))
     for line in report.lines():
         typer.echo(line)
+
+
+HEADLINE = {"vqav2": ("accuracy",), "vizwiz": ("accuracy",), "textvqa": ("accuracy",), "gqa": ("accuracy",),
+            "pope": ("mean_f1", "mean_accuracy"), "scienceqa": ("img_accuracy", "accuracy"),
+            "mme": ("perception", "cognition"), "mmbench": ("accuracy",), "seed": ("accuracy",)}
+
+
+@app.command("eval")
+def eval_command(
+    task: str = typer.Argument(..., help="vqav2, gqa, vizwiz, textvqa, pope, scienceqa, mme, mmbench or seed."),
+    model: str = typer.Option(..., "--model", help="Dynamic-LLaVA (or llava-hf) checkpoint folder with its processor."),
+    questions: str = typer.Option(..., "--questions", help="The question file in LLaVA-1.5's format."),
+    answers: str = typer.Option(..., "--answers", help="Answers JSONL to append to (a rerun continues it)."),
+    images: str = typer.Option(None, "--images", help="Folder the questions' image paths are relative to."),
+    annotations: str = typer.Option(None, "--annotations", help="Ground truth: score the answers when given."),
+    dense: bool = typer.Option(False, "--dense", help="Keep every token (keep rates 1.0): the dense model."),
+    image_keep_rate: float = typer.Option(None, "--image-keep-rate", help="Override the checkpoint's image keep rate."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions per batch (>= 1)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens per answer (LLaVA-1.5 uses 128)."),
+    limit: int = typer.Option(None, "--limit", help="Answer only the first N questions."),
+    all_rounds: bool = typer.Option(False, "--all-rounds", help="MMBench: ask every rotation of the options "
+                                    "(circular evaluation)."),
+) -> None:
+    """Answer a benchmark's questions (batched, greedy, resumable) and score them when the ground truth is given."""
+    from .evaluation.benchmarks import TASKS, BenchmarkError, answer_benchmark, read_questions, score_answers
+
+    if task not in TASKS:
+        _fail(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}.")
+    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        _fail("--batch-size, --max-new-tokens and --limit must be >= 1.")
+    if dense and image_keep_rate is not None:
+        _fail("--dense and --image-keep-rate exclude each other: --dense keeps every token.")
+    if image_keep_rate is not None and not 0.0 < image_keep_rate <= 1.0:
+        _fail(f"--image-keep-rate must be in (0, 1], got {image_keep_rate}.")
+    if Path(answers).is_dir():
+        _fail(f"--answers {answers} is a folder: pass the answers file to write.")
+    try:
+        items = read_questions(task, questions, all_rounds=all_rounds)[:limit]
+    except BenchmarkError as err:
+        _fail(str(err))
+    loaded = _load_for_inference(model, dense, image_keep_rate)
+    try:
+        done = answer_benchmark(*loaded, items, answers, images=images, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, model_id=Path(model).name + ("-dense" if dense else ""))
+    except BenchmarkError as err:
+        _fail(str(err))
+    typer.echo(f"Answered {done['answered']} question(s) ({done['skipped']} were already in {answers}).")
+    if annotations is not None or task == "mmbench":
+        try:
+            _print_scores(task, [answers], score_answers, annotations, questions)
+        except (BenchmarkError, ValueError) as err:
+            _fail(str(err))
+
+
+@app.command("score")
+def score_command(
+    task: str = typer.Argument(..., help="vqav2, gqa, vizwiz, textvqa, pope, scienceqa, mme, mmbench or seed."),
+    answers: list[str] = typer.Option(..., "--answers", help="Answers JSONL; repeat to compare (e.g. dense, Dynamic)."),
+    annotations: str = typer.Option(None, "--annotations", help="The benchmark's ground truth file or folder."),
+    questions: str = typer.Option(None, "--questions", help="The question file (POPE categories, the ScienceQA "
+                                  "split, MME's folder layout)."),
+) -> None:
+    """Score answer files side by side with the benchmark's official rule, with tokens kept, FLOPs and latency."""
+    from .evaluation.benchmarks import TASKS, BenchmarkError, score_answers
+
+    if task not in TASKS:
+        _fail(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}.")
+    try:
+        _print_scores(task, answers, score_answers, annotations, questions)
+    except (BenchmarkError, ValueError) as err:
+        _fail(str(err))
+
+
+def _load_for_inference(model: str, dense: bool, image_keep_rate: float | None):
+    """The model (eval mode, on the GPU when there is one) and its processor, or a one-line error."""
+    import torch
+    from transformers import AutoProcessor
+
+    from . import DynamicLlavaForConditionalGeneration
+    from .checkpoints import check_checkpoint_folder
+
+    try:
+        check_checkpoint_folder(model)
+        settings = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense else {}
+        if image_keep_rate is not None:
+            settings["image_keep_rate"] = image_keep_rate
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        loaded = DynamicLlavaForConditionalGeneration.from_pretrained(
+            model, dtype=torch.float16 if device == "cuda" else torch.float32, **settings)
+        processor = AutoProcessor.from_pretrained(model)
+    except (OSError, ValueError, TypeError) as err:
+        _fail(str(err))
+    return loaded.to(device).eval(), processor
+
+
+def _print_scores(task, answer_files, score, annotations, questions) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = [score(task, path, annotations, questions) for path in answer_files]
+    table = Table(title=f"{task}", title_justify="left")
+    table.add_column("answers")
+    for name in (*HEADLINE[task], "questions", "image tokens kept", "prefill TFLOPs", "KV tokens", "latency s"):
+        table.add_column(name, justify="right")
+    for path, result in zip(answer_files, results):
+        cost = result["cost"]
+        count = result.get("questions", result["cost"].get("answers", ""))
+        shown = [f"{result[k]:.2f}" if isinstance(result.get(k), float) else str(result.get(k)) for k in HEADLINE[task]]
+        kept = f"{cost.get('image_tokens_kept', 0):.1f} / {cost.get('image_tokens', 0):.1f}"
+        table.add_row(path, *shown, str(count), kept, f"{cost.get('prefill_tflops', 0):.4f}",
+                      f"{cost.get('kv_tokens', 0):.0f}", f"{cost.get('latency_s', 0):.3f}")
+    Console(width=200).print(table)
 
 
 @app.command()
