@@ -257,3 +257,37 @@ def test_world_chain_export_eval_score_matches_the_world_harness(tmp_path):
     assert set(pope) >= {"random", "adversarial", "mean_f1"} and pope["random"]["questions"] == 20
     mme = benchmarks.score_answers("mme", tmp_path / "mme.jsonl", paths["mme"]["annotations"], paths["mme"]["questions"])
     assert mme["subtasks"]["existence"]["questions"] == 20 and mme["perception"] > 100
+
+
+def test_llava_hf_chain_convert_eval_score_equals_the_stock_dense_model(tmp_path):
+    """The world's dense llava-hf model: convert, answer with `eval --dense`, same answers as the stock class."""
+    from transformers import LlavaForConditionalGeneration
+
+    from dynamic_llava.conversion import convert
+    from dynamic_llava.world.scenes import write_split
+
+    data = tmp_path / "world"
+    write_split(data, "test", 40, seed=6)
+    paths = export_world_benchmarks(data / "test.json", tmp_path / "bench", pope_images=2, mme_images=2)
+    report = convert(SHIPPED / "tiny-llava", tmp_path / "converted")
+    assert report.layout == "llava-hf"
+    argv = ["eval", "gqa", "--model", str(tmp_path / "converted"), "--dense", "--questions",
+            str(paths["gqa"]["questions"]), "--images", str(paths["gqa"]["images"]), "--answers",
+            str(tmp_path / "gqa.jsonl"), "--annotations", str(paths["gqa"]["annotations"]), "--max-new-tokens", "5"]
+    outcome = CliRunner().invoke(app, argv)
+    assert outcome.exit_code == 0, outcome.output
+    answers = benchmarks.read_answers(tmp_path / "gqa.jsonl")
+    stock = LlavaForConditionalGeneration.from_pretrained(SHIPPED / "tiny-llava", dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(SHIPPED / "tiny-llava")
+    questions = {q.id: q for q in benchmarks.read_questions("gqa", paths["gqa"]["questions"])}
+    records = json.loads((data / "test.json").read_text())
+    for answer in answers[:12]:
+        question = questions[answer["question_id"]]
+        prompt = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "text", "text": question.text.split("\n")[0]}, {"type": "image"}]}], add_generation_prompt=True)
+        image = Image.open(paths["gqa"]["images"] / records[question.id]["image"]).convert("RGB")
+        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = stock.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer["text"]
+    assert answers[0]["metadata"]["image_tokens_kept"] == answers[0]["metadata"]["image_tokens"] == 64

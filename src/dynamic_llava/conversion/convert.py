@@ -424,7 +424,7 @@ def _plan_original(source, config, vision_tower, tokenizer, report, layout) -> _
         patch_size=vision["patch_size"],
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1,
-        chat_template=LLAVA_V1_SYSTEM_CHAT_TEMPLATE,
+        chat_template=tok.chat_template or LLAVA_V1_SYSTEM_CHAT_TEMPLATE,  # the one shipped, else llava_v1's
     )
     sources = [(files, original_target)]
     if not stores_tower:
