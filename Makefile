@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-engine bench-decode world
+.PHONY: install demo test bench bench-engine bench-decode bench-formats world
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ bench-engine: install
 
 bench-decode: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decode_vs_stock.py --output results/decode_vs_stock.json
+
+bench-formats: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/world_formats.py --seed 0 --output results/world_formats_seed0.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/world_formats.py --seed 1000 --output results/world_formats_seed1000.json
 
 
 # Rebuild the synthetic world from nothing: data, the tiny dense LLaVA, its Dynamic-LLaVA, the report.

@@ -472,12 +472,22 @@ def score_command(
     annotations: str = typer.Option(None, "--annotations", help="The benchmark's ground truth file or folder."),
     questions: str = typer.Option(None, "--questions", help="The question file (POPE categories, the ScienceQA "
                                   "split, MME's folder layout)."),
+    submission: str = typer.Option(None, "--submission", help="vqav2 / vizwiz test splits: write the answers in "
+                                   "the evaluation server's format to this file instead of scoring."),
 ) -> None:
     """Score answer files side by side with the benchmark's official rule, with tokens kept, FLOPs and latency."""
-    from .evaluation.benchmarks import TASKS, BenchmarkError, score_answers
+    from .evaluation.benchmarks import TASKS, BenchmarkError, score_answers, write_submission
 
     if task not in TASKS:
         _fail(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}.")
+    if submission is not None:
+        if len(answers) != 1:
+            _fail("--submission writes one answers file: pass one --answers.")
+        try:
+            typer.echo(f"Wrote {write_submission(task, answers[0], submission)}: upload it to the {task} server.")
+        except BenchmarkError as err:
+            _fail(str(err))
+        return
     try:
         _print_scores(task, answers, score_answers, annotations, questions)
     except (BenchmarkError, ValueError) as err:

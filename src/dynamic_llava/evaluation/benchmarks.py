@@ -403,6 +403,22 @@ def _mme_folder(root: Path, questions: list[Question] | None) -> dict:
     return truth
 
 
+def write_submission(task: str, answers_path, output) -> Path:
+    """The answers as the VQAv2 / VizWiz evaluation servers take them (their test splits have no public
+    ground truth): ``[{"question_id" | "image", "answer"}]`` with the answers normalised as LLaVA-1.5 does."""
+    if task not in ("vqav2", "vizwiz"):
+        raise BenchmarkError(f"Submission files are for vqav2 and vizwiz (scored on their servers), not {task}.")
+    answers = read_answers(answers_path)
+    if not answers:
+        raise BenchmarkError(f"No answers in {answers_path}: run `dynamic-llava eval` first.")
+    key = "question_id" if task == "vqav2" else "image"
+    rows = [{key: a["question_id"], "answer": scorers.normalize_vqa_answer(a["text"])} for a in answers]
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(rows))
+    return output
+
+
 def mean_cost(answers: list[dict]) -> dict:
     """Means over the answers of the cost fields in their metadata (prompt and kept tokens, FLOPs, latency)."""
     sums, counts = defaultdict(float), defaultdict(int)
@@ -415,4 +431,4 @@ def mean_cost(answers: list[dict]) -> dict:
 
 
 __all__ = ["BenchmarkError", "MMBENCH_SUFFIX", "Question", "TASKS", "answer_benchmark", "mean_cost",
-           "read_answers", "read_ground_truth", "read_questions", "score_answers"]
+           "read_answers", "read_ground_truth", "read_questions", "score_answers", "write_submission"]

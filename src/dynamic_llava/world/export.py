@@ -125,4 +125,43 @@ def _mme(output: Path, n_images: int, seed: int) -> dict[str, Path]:
             "images": output / "images"}
 
 
-__all__ = ["export_world_benchmarks"]
+LMMS_EVAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 6
+  temperature: 0
+  do_sample: false
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+"""
+
+
+def export_lmms_eval_task(split_json, folder, limit: int | None = None, name: str = "world_vqa") -> Path:
+    """An lmms-eval task of the split's short first questions (a local JSON dataset): the folder to pass as
+    ``--include_path``, holding ``<name>.yaml``, its ``utils.py`` and ``<name>.jsonl``."""
+    split_json, folder = Path(split_json), Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    images = split_json.parent.resolve() / "images"
+    rows = [{"question_id": i["question_id"], "image": str(images / i["image"]), "question": i["text"],
+             "answer": i["answer"], "type": i["type"]} for i in _first_questions(split_json, limit)]
+    data = _write_jsonl(folder / f"{name}.jsonl", rows)
+    (folder / f"{name}.yaml").write_text(LMMS_EVAL_TASK.format(name=name, data=data))
+    (folder / "utils.py").write_text(
+        "from dynamic_llava.integrations.lmms_eval_task import doc_to_text, doc_to_visual, process_results  # noqa\n")
+    return folder
+
+
+__all__ = ["export_lmms_eval_task", "export_world_benchmarks"]
