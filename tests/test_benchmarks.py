@@ -291,3 +291,17 @@ def test_llava_hf_chain_convert_eval_score_equals_the_stock_dense_model(tmp_path
             out = stock.generate(**inputs, max_new_tokens=5, do_sample=False)
         assert processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == answer["text"]
     assert answers[0]["metadata"]["image_tokens_kept"] == answers[0]["metadata"]["image_tokens"] == 64
+
+
+def test_textvqa_matches_llava_question_files_by_image_and_question(tmp_path):
+    """LLaVA-1.5's TextVQA questions are named by their image; the annotations by (image id, question)."""
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
+        {"question_id": 1, "image_id": "abc", "question": "What brand is it?", "answers": ["nike"] * 10},
+        {"question_id": 2, "image_id": "abc", "question": "What number is it?", "answers": ["7"] * 10}]}))
+    rows = [{"question_id": "abc", "prompt": "What brand is it?\nReference OCR token: Nike, 7\nAnswer the question "
+                                             "using a single word or phrase.", "text": "Nike"},
+            {"question_id": "abc", "prompt": "What number is it?\nAnswer the question using a single word or phrase.",
+             "text": "seven"}]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = benchmarks.score_answers("textvqa", tmp_path / "answers.jsonl", tmp_path / "TextVQA_0.5.1_val.json")
+    assert result["accuracy"] == 100.0 and result["questions"] == 2

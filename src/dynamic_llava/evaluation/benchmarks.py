@@ -286,9 +286,29 @@ def score_answers(task: str, answers_path, annotations=None, questions_path=None
             raise BenchmarkError(f"Scoring {task} needs its ground truth: pass the annotations (--annotations).")
         predictions = {str(a["question_id"]): a["text"] for a in answers}  # ids compared as text: files differ
         truth = {str(k): v for k, v in read_ground_truth(task, annotations, questions).items()}
+        if task == "textvqa" and not set(predictions) & set(truth):
+            predictions, truth = _textvqa_by_image(answers, annotations)
         result = _score(task, predictions, truth, questions)
     result["cost"] = mean_cost(answers)
     return result
+
+
+def _textvqa_question(prompt: str) -> str:
+    """The question inside LLaVA-1.5's TextVQA prompt (with or without its reference OCR tokens)."""
+    lines = prompt.split("\n")
+    if prompt.startswith("Reference OCR token:") and len(lines) == 3:
+        return lines[1].lower()
+    return lines[0].lower()
+
+
+def _textvqa_by_image(answers: list[dict], annotations) -> tuple[dict, dict]:
+    """LLaVA-1.5's TextVQA question file names each question by its image; the official annotations are matched
+    by (image id, question text), as its evaluation script does."""
+    data = _read_json_or_jsonl(Path(annotations), "The annotation file")
+    rows = data.get("data", []) if isinstance(data, dict) else []
+    truth = {f"{r['image_id']}\t{r['question'].lower()}": r["answers"] for r in rows if "image_id" in r}
+    predictions = {f"{a['question_id']}\t{_textvqa_question(a.get('prompt', ''))}": a["text"] for a in answers}
+    return predictions, truth
 
 
 def _score(task, predictions, truth, questions):
