@@ -305,3 +305,30 @@ def test_textvqa_matches_llava_question_files_by_image_and_question(tmp_path):
     (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = benchmarks.score_answers("textvqa", tmp_path / "answers.jsonl", tmp_path / "TextVQA_0.5.1_val.json")
     assert result["accuracy"] == 100.0 and result["questions"] == 2
+
+
+EVAL_REFUSALS = [
+    (lambda d: ["eval", "vqav3", "--model", "m", "--questions", "q", "--answers", "a"], "Unknown task 'vqav3'"),
+    (lambda d: ["eval", "gqa", "--model", str(d), "--questions", str(d / "nope.jsonl"), "--answers", str(d / "a.jsonl")],
+     "not found"),
+    (lambda d: ["eval", "gqa", "--model", str(d), "--questions", str(d / "questions.jsonl"), "--answers", str(d)],
+     "is a folder"),
+    (lambda d: ["eval", "gqa", "--model", str(d), "--questions", str(d / "questions.jsonl"), "--answers",
+                str(d / "a.jsonl"), "--batch-size", "0"], "must be >= 1"),
+    (lambda d: ["eval", "gqa", "--model", str(d), "--questions", str(d / "questions.jsonl"), "--answers",
+                str(d / "a.jsonl"), "--dense", "--image-keep-rate", "0.2"], "exclude each other"),
+    (lambda d: ["eval", "gqa", "--model", str(d / "no-model"), "--questions", str(d / "questions.jsonl"),
+                "--answers", str(d / "a.jsonl")], "not found"),
+    (lambda d: ["score", "gqa", "--answers", str(d / "questions.jsonl")], "--annotations"),
+    (lambda d: ["score", "gqa", "--answers", str(d / "missing.jsonl"), "--annotations", "x"], "No answers"),
+    (lambda d: ["score", "pope", "--answers", str(d / "questions.jsonl"), "--submission", str(d / "s.json")],
+     "vqav2 and vizwiz"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", EVAL_REFUSALS)
+def test_eval_and_score_refuse_bad_input_in_one_line(tiny_bench, argv, needle):
+    outcome = CliRunner().invoke(app, argv(tiny_bench))
+    lines = [line for line in outcome.output.splitlines() if line.strip()]
+    assert outcome.exit_code == 2 and len(lines) == 1, outcome.output
+    assert lines[0].startswith("Error: ") and needle in lines[0], lines[0]
