@@ -150,6 +150,13 @@ def test_processor_speaks_llava_v1_with_the_shipped_tokenizer(released):
     assert processor.tokenizer(text).input_ids == [1, *sp.encode(text)]
     assert (processor.tokenizer.image_token_id, processor.tokenizer.pad_token_id) == (IMAGE_ID, PAD_ID)
     assert processor.image_processor.do_pad  # image_aspect_ratio "pad": squares padded with the mean colour
+    from PIL import Image
+
+    wide = Image.new("RGB", (48, 24), (250, 10, 10))  # as LLaVA's expand2square: centred on the mean colour
+    pixels = processor.image_processor(images=[wide], return_tensors="pt")["pixel_values"][0]
+    assert pixels.shape[-2:] == (32, 32)
+    assert pixels[:, :4].abs().max() < 0.03 and pixels[:, -4:].abs().max() < 0.03  # padding: mean, normalised to 0
+    assert pixels[0, 16, 16] > 1.5 and pixels[1, 16, 16] < -1.5  # the red image in the middle
     ids = processor(images=[photo(5)], text=["USER: <image>\nhi ASSISTANT:"], return_tensors="pt").input_ids
     assert int((ids == IMAGE_ID).sum()) == 16
 
@@ -173,9 +180,17 @@ def test_original_llava_layout_bin_shards_stream_into_shards_in_its_dtype(tmp_pa
         torch.testing.assert_close(model(**inputs).logits, stock(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_llava_hf_layout_converts_with_fresh_predictors(tmp_path):
+@pytest.mark.parametrize("names", ["as 5.x saves them", "4.x"])
+def test_llava_hf_layout_converts_with_fresh_predictors(tmp_path, names):
     stock = stock_copy(tiny_dynamic())
     stock.save_pretrained(tmp_path / "llava-hf")
+    if names == "4.x":  # llava-hf/llava-1.5-7b-hf's names: the tower under vision_tower.vision_model
+        from safetensors.torch import load_file, save_file
+
+        file = tmp_path / "llava-hf" / "model.safetensors"
+        state = load_file(str(file))
+        save_file({("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.")
+                    else k): v for k, v in state.items()}, str(file), metadata={"format": "pt"})
     processor = tiny_processor()
     processor.save_pretrained(tmp_path / "llava-hf")
     report = convert(tmp_path / "llava-hf", tmp_path / "out")
