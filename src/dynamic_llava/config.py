@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
+from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
@@ -62,9 +64,10 @@ def refuse_misspelt_settings(names) -> None:
                 raise ValueError(f"{name}: not a Dynamic-LLaVA setting; did you mean {close[0]}?")
 
 
-@strict
-class DynamicLlavaConfig(LlavaConfig):
-    r"""LLaVA configuration with Dynamic-LLaVA sparsity settings.
+@dataclass(kw_only=True, repr=False)
+class SparsitySettings:
+    r"""The Dynamic-LLaVA settings a model config carries besides its family's own (mixed into
+    `DynamicLlavaConfig` and the other families' configs; saved in `config.json`).
 
     Parameters
     ----------
@@ -95,8 +98,6 @@ class DynamicLlavaConfig(LlavaConfig):
         budget_weight > 0.
     """
 
-    model_type = "dynamic_llava"
-
     sparse_layer: int = 2
     image_keep_rate: float = 0.2
     text_keep_rate: float = 0.5
@@ -111,6 +112,10 @@ class DynamicLlavaConfig(LlavaConfig):
     budget_weight: float = 100.0
     min_answer_tokens: int = 50
     mask_gradient: str = "balanced"
+
+    # the stock model types this config also reads (they get default sparsity settings)
+    base_model_types: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""  # for messages: "LLaVA", "Qwen2-VL"
 
     def __post_init__(self, **kwargs):
         refuse_misspelt_settings(kwargs)
@@ -186,12 +191,13 @@ class DynamicLlavaConfig(LlavaConfig):
         sparsity-setting overrides merged in; refuse a config of another model type."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type")
-        if model_type not in (LlavaConfig.model_type, cls.model_type):
+        if model_type not in (*cls.base_model_types, cls.model_type):
+            readable = " or ".join(repr(t) for t in (*cls.base_model_types, cls.model_type))
             raise ValueError(
-                f"The config.json in {pretrained_model_name_or_path} is for a {model_type!r} model, not LLaVA: "
-                f"Dynamic-LLaVA loads 'llava' (llava-hf) or 'dynamic_llava' checkpoints."
+                f"The config.json in {pretrained_model_name_or_path} is for a {model_type!r} model, not "
+                f"{cls.family}: {cls.__name__} loads {readable} checkpoints."
             )
-        if model_type == LlavaConfig.model_type:
+        if model_type in cls.base_model_types:
             config_dict = {**config_dict, "model_type": cls.model_type}
         overrides = {name: kwargs.pop(name) for name in SPARSITY_FIELDS if name in kwargs}
         return {**config_dict, **overrides}, kwargs  # overrides replace the file's values before they are checked
@@ -207,4 +213,14 @@ class DynamicLlavaConfig(LlavaConfig):
         return {name: getattr(self, name) for name in SPARSITY_FIELDS}
 
 
-__all__ = ["DynamicLlavaConfig", "SPARSITY_FIELDS", "STRUCTURE_FIELDS"]
+
+@strict
+class DynamicLlavaConfig(SparsitySettings, LlavaConfig):
+    """LLaVA (llava-hf) configuration with the Dynamic-LLaVA sparsity settings (`SparsitySettings`)."""
+
+    model_type = "dynamic_llava"
+    base_model_types: ClassVar[tuple[str, ...]] = (LlavaConfig.model_type,)
+    family: ClassVar[str] = "LLaVA"
+
+
+__all__ = ["DynamicLlavaConfig", "SparsitySettings", "SPARSITY_FIELDS", "STRUCTURE_FIELDS"]
