@@ -42,6 +42,9 @@ class PolicyContext:
     inputs_embeds : [B, N, H] the decoder's input (word embeddings; projected image features at image
         tokens), for selections made before the language model (None if the caller has none).
     hidden : [B, N, H] hidden states entering layer K for every token (None if the caller has none).
+    image_layout : where each image's tokens are (`decoder.ImageLayout`; set by the engine before
+        `image_scores`): ``image_layout.gather(x)`` takes a [B, N, ...] tensor to the [images, tokens, ...]
+        that `image_scores` receives; ``image_layout.valid`` is False for padding when images differ in size.
     """
 
     hidden_before: torch.Tensor
@@ -52,6 +55,7 @@ class PolicyContext:
     past: int = 0
     inputs_embeds: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    image_layout: object | None = None
 
 
 @dataclass
@@ -96,7 +100,8 @@ class TokenPolicy:
         self, model, hidden: torch.Tensor, positions: torch.Tensor, context: PolicyContext
     ) -> torch.Tensor | None:
         """hidden [images, tokens, H] entering layer K, positions [images, tokens] -> scores [images, tokens]
-        (higher = keep). Images are in the order of `context.image_token_mask`."""
+        (higher = keep). Images are in the order of `context.image_token_mask`; when they differ in size,
+        `tokens` is the largest and `context.image_layout.valid` marks the padding (its scores are ignored)."""
         return None
 
     def text_keep(self, model, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -126,6 +131,15 @@ def check_policy(policy) -> None:
         "CDPrunerPolicy(), DARTPolicy(), RandomPolicy(...), StreamingLLMPolicy(...), H2OPolicy(...)), not a "
         f"{type(policy).__name__}."
     )
+
+
+def refuse_uneven_images(policy, context: PolicyContext) -> None:
+    """Raise `NotImplementedError` for a policy that assumes every image has the same number of tokens."""
+    if context.image_layout is not None and getattr(context.image_layout, "valid", None) is not None:
+        raise NotImplementedError(
+            f"{type(policy).__name__} needs every image to have the same number of tokens; these differ in size "
+            "(use LearnedPolicy, FastVPolicy or RandomPolicy, or images of one size)."
+        )
 
 
 def check_optional_rate(name: str, value) -> None:
@@ -170,5 +184,6 @@ __all__ = [
     "check_optional_rate",
     "check_policy",
     "layer_keys",
+    "refuse_uneven_images",
     "query_attention",
 ]

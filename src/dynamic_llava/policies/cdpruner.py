@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_number
-from .base import TokenPolicy
+from .base import TokenPolicy, refuse_uneven_images
 
 
 def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,6 +65,7 @@ class CDPrunerPolicy(TokenPolicy):
     def image_scores(self, model, hidden, positions, context):
         if context.inputs_embeds is None:
             raise ValueError("CDPrunerPolicy needs the decoder input (context.inputs_embeds).")
+        refuse_uneven_images(self, context)
         if context.past > 0:
             raise NotImplementedError("CDPrunerPolicy scores images at prefill; the prompt must not follow cached tokens.")
         embeds, mask = context.inputs_embeds.double(), context.image_token_mask  # float64: the greedy order is exact

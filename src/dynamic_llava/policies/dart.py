@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_integer
-from .base import TokenPolicy, layer_keys
+from .base import TokenPolicy, layer_keys, refuse_uneven_images
 
 
 @dataclass
@@ -38,6 +38,7 @@ class DARTPolicy(TokenPolicy):
     def image_scores(self, model, hidden, positions, context):
         if context.hidden is None:
             raise ValueError("DARTPolicy needs the hidden states entering layer K (context.hidden).")
+        refuse_uneven_images(self, context)
         if context.past > 0:
             raise NotImplementedError("DARTPolicy scores images at prefill; the prompt must not follow cached tokens.")
         layer = model.layers[model.sparsity.sparse_layer]

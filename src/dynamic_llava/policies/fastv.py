@@ -33,7 +33,7 @@ class FastVPolicy(TokenPolicy):
     def image_scores(self, model, hidden, positions, context):
         if context.past > 0:
             raise NotImplementedError("FastVPolicy scores images at prefill; the prompt must not follow cached tokens.")
-        return self.received_attention(model, context)[context.image_token_mask].view_as(positions)
+        return context.image_layout.gather(self.received_attention(model, context))
 
     @staticmethod
     def received_attention(model, context) -> torch.Tensor:

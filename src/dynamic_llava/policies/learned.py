@@ -28,7 +28,8 @@ class LearnedPolicy(TokenPolicy):
     def image_scores(self, model, hidden, positions, context):
         if model.image_predictor is None:
             return None
-        return keep_log_prob(model.image_predictor(hidden))
+        valid = context.image_layout.valid if context.image_layout is not None else None
+        return keep_log_prob(model.image_predictor(hidden, valid))
 
     def text_keep(self, model, hidden, positions):
         if model.text_predictor is None or model.sparsity.text_keep_rate >= 1.0:
