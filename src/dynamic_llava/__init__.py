@@ -21,6 +21,12 @@ from .policies import (
     TokenPolicy,
 )
 from .predictors import ImagePredictor, TextPredictor
+from .qwen2_vl import (
+    DynamicQwen2_5_VLConfig,
+    DynamicQwen2_5_VLForConditionalGeneration,
+    DynamicQwen2VLConfig,
+    DynamicQwen2VLForConditionalGeneration,
+)
 from .stats import ForwardRecord, SparsityStats
 
 __version__ = "0.1.0"
@@ -31,6 +37,10 @@ __all__ = [
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaModel",
     "DynamicLlamaModel",
+    "DynamicQwen2VLConfig",
+    "DynamicQwen2VLForConditionalGeneration",
+    "DynamicQwen2_5_VLConfig",
+    "DynamicQwen2_5_VLForConditionalGeneration",
     "DynamicLlavaOutput",
     "CDPrunerPolicy",
     "DARTPolicy",

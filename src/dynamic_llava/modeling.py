@@ -109,7 +109,77 @@ class DynamicLlavaModel(LlavaModel):
         return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
 
-class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class SparseGeneration:
+    """`generate()` for every family: a `DynamicLlavaCache` (buffers reserved for `max_new_tokens`), where
+    generated text begins (for decoding without a cache), and limits checked before decoding starts."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give `generate()` a `DynamicLlavaCache` instead of a plain `DynamicCache`."""
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None and not isinstance(user_cache, DynamicLlavaCache):
+            raise TypeError(
+                f"past_key_values must be a DynamicLlavaCache, got {type(user_cache).__name__}; "
+                "pass none and generate() makes one."
+            )
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA: "
+                "its cache stores a different number of tokens per layer. Leave it unset."
+            )
+        made_here = user_cache is None and generation_config.use_cache is not False
+        if made_here:
+            model_kwargs["past_key_values"] = DynamicLlavaCache.from_config(self.config)
+        if model_kwargs.get("past_key_values") is not None and generation_config.max_new_tokens:
+            model_kwargs["past_key_values"].reserve(generation_config.max_new_tokens)  # the buffers grow once
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if made_here:
+            model_kwargs["past_key_values"]._is_user_defined = False  # ours, not the caller's
+        return result
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, marking where generated text begins (for decoding without cache).
+
+        Pass `sparsity_stats=SparsityStats()` to read what was kept; assisted decoding is refused.
+        """
+        self.config.check_sparsity()
+        policy = kwargs.get("sparsity_policy")
+        check_policy(policy)
+        if policy is not None and policy.needs_attention and kwargs.get("use_cache") is False:
+            raise ValueError(
+                f"{type(policy).__name__} ranks tokens by the attention accumulated in the KV cache: generate with "
+                "use_cache=True."
+            )
+        stats = kwargs.get("sparsity_stats")
+        if stats is not None and not isinstance(stats, SparsityStats):
+            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(stats).__name__}.")
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        if prompt is not None and mask is not None and mask.shape != prompt.shape:
+            raise ValueError(
+                f"attention_mask has shape {list(mask.shape)} but input_ids {list(prompt.shape)}: pass the mask the "
+                "processor made for these input_ids."
+            )
+        if prompt is not None and kwargs.get("output_text_start") is None:
+            kwargs["output_text_start"] = prompt.shape[1]
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+            raise NotImplementedError("Assisted/speculative decoding is not supported by Dynamic-LLaVA (its cache cannot be cropped).")
+        return GenerationMixin.generate(self, inputs, generation_config, **kwargs)
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """Refuse, before decoding starts, a generation that would run past the model's context."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = self.config.text_config.max_position_embeddings
+        # the last token is sampled, never fed back: the model sees at most max_length - 1 tokens
+        if generation_config.max_length - 1 > limit:
+            raise ValueError(
+                f"max_new_tokens={generation_config.max_length - input_ids_length} after a prompt of "
+                f"{input_ids_length} tokens needs {generation_config.max_length - 1} positions, but the model's "
+                f"context is {limit} (text_config.max_position_embeddings): ask for at most "
+                f"{limit + 1 - input_ids_length} new tokens or shorten the prompt."
+            )
+
+
+class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditionalGeneration):
     """LLaVA with Dynamic-LLaVA vision-language context sparsification.
 
     Loads any llava-hf (LLaVA-1.5 layout) checkpoint with `from_pretrained`; a checkpoint without
@@ -402,74 +472,10 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         return image_token_mask, per_image
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Give `generate()` a `DynamicLlavaCache` instead of a plain `DynamicCache`."""
-        user_cache = model_kwargs.get("past_key_values")
-        if user_cache is not None and not isinstance(user_cache, DynamicLlavaCache):
-            raise TypeError(
-                f"past_key_values must be a DynamicLlavaCache, got {type(user_cache).__name__}; "
-                "pass none and generate() makes one."
-            )
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA: "
-                "its cache stores a different number of tokens per layer. Leave it unset."
-            )
-        made_here = user_cache is None and generation_config.use_cache is not False
-        if made_here:
-            model_kwargs["past_key_values"] = DynamicLlavaCache.from_config(self.config)
-        if model_kwargs.get("past_key_values") is not None and generation_config.max_new_tokens:
-            model_kwargs["past_key_values"].reserve(generation_config.max_new_tokens)  # the buffers grow once
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if made_here:
-            model_kwargs["past_key_values"]._is_user_defined = False  # ours, not the caller's
-        return result
-
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """`GenerationMixin.generate`, marking where generated text begins (for decoding without cache).
-
-        Pass `sparsity_stats=SparsityStats()` to read what was kept; assisted decoding is refused.
-        """
-        self.config.check_sparsity()
-        policy = kwargs.get("sparsity_policy")
-        check_policy(policy)
-        if policy is not None and policy.needs_attention and kwargs.get("use_cache") is False:
-            raise ValueError(
-                f"{type(policy).__name__} ranks tokens by the attention accumulated in the KV cache: generate with "
-                "use_cache=True."
-            )
-        stats = kwargs.get("sparsity_stats")
-        if stats is not None and not isinstance(stats, SparsityStats):
-            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(stats).__name__}.")
-        prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        mask = kwargs.get("attention_mask")
-        if prompt is not None and mask is not None and mask.shape != prompt.shape:
-            raise ValueError(
-                f"attention_mask has shape {list(mask.shape)} but input_ids {list(prompt.shape)}: pass the mask the "
-                "processor made for these input_ids."
-            )
-        if prompt is not None and kwargs.get("output_text_start") is None:
-            kwargs["output_text_start"] = prompt.shape[1]
-        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-            raise NotImplementedError("Assisted/speculative decoding is not supported by Dynamic-LLaVA (its cache cannot be cropped).")
-        return GenerationMixin.generate(self, inputs, generation_config, **kwargs)
-
-    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
-        """Refuse, before decoding starts, a generation that would run past the model's context."""
-        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
-        limit = self.config.text_config.max_position_embeddings
-        # the last token is sampled, never fed back: the model sees at most max_length - 1 tokens
-        if generation_config.max_length - 1 > limit:
-            raise ValueError(
-                f"max_new_tokens={generation_config.max_length - input_ids_length} after a prompt of "
-                f"{input_ids_length} tokens needs {generation_config.max_length - 1} positions, but the model's "
-                f"context is {limit} (text_config.max_position_embeddings): ask for at most "
-                f"{limit + 1 - input_ids_length} new tokens or shorten the prompt."
-            )
-
 
 __all__ = [
     "DynamicLlamaModel",
+    "SparseGeneration",
     "DynamicLlavaModel",
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaOutput",

@@ -1,0 +1,292 @@
+"""Dynamic-LLaVA on stock transformers Qwen2-VL / Qwen2.5-VL: the same sparse loop over their decoders.
+
+Qwen2-VL encodes each image at its own resolution, so images differ in their number of tokens
+(``t * h * w / merge_size^2`` from ``image_grid_thw``): each keeps ``floor(rate * its own tokens)``
+(`decoder.ImageLayout`). Its multimodal RoPE gives every token three positions (time, height, width);
+the rotary cos/sin the decoder computes from them are gathered by kept index like any other per-token
+tensor, and decode positions come from ``rope_deltas`` exactly as in the stock model.
+
+`DynamicQwen2VLForConditionalGeneration` and `DynamicQwen2_5_VLForConditionalGeneration` load the stock
+checkpoints (fresh predictors) or their own, and are used like the stock classes (``forward``,
+``generate``). Not yet: training (the masked path), videos, sliding-window layers.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLPreTrainedModel,
+    Qwen2_5_VLTextModel,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VisionTransformerPretrainedModel,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLModel,
+    Qwen2VLPreTrainedModel,
+    Qwen2VLTextModel,
+)
+from huggingface_hub.dataclasses import strict
+
+from .config import SparsitySettings, refuse_misspelt_settings
+from .decoder import SparseDecoder
+from .modeling import DynamicLlavaOutput, SparseGeneration
+from .policies import TokenPolicy, check_policy
+from .stats import ForwardRecord, SparsityStats
+
+# arguments of the sparse loop that travel through the stock model's **kwargs to its language model
+SPARSE_KWARGS = ("image_token_mask", "tokens_per_image", "output_text_start", "sparsity_policy", "sparsity_record")
+
+
+@strict
+class DynamicQwen2VLConfig(SparsitySettings, Qwen2VLConfig):
+    """Qwen2-VL configuration with the Dynamic-LLaVA sparsity settings (`SparsitySettings`)."""
+
+    model_type = "dynamic_qwen2_vl"
+    base_model_types: ClassVar[tuple[str, ...]] = (Qwen2VLConfig.model_type,)
+    family: ClassVar[str] = "Qwen2-VL"
+
+
+@strict
+class DynamicQwen2_5_VLConfig(SparsitySettings, Qwen2_5_VLConfig):
+    """Qwen2.5-VL configuration with the Dynamic-LLaVA sparsity settings (`SparsitySettings`)."""
+
+    model_type = "dynamic_qwen2_5_vl"
+    base_model_types: ClassVar[tuple[str, ...]] = (Qwen2_5_VLConfig.model_type,)
+    family: ClassVar[str] = "Qwen2.5-VL"
+
+
+class _QwenPositions:
+    """Qwen-VL's positions: three rows (time, height, width) for RoPE, one row for everything else."""
+
+    def _positions(self, position_ids, attention_mask, past, batch, seq, device):
+        sequence = None
+        if position_ids is None:
+            rope = torch.arange(past, past + seq, device=device).view(1, 1, -1).expand(3, batch, -1)
+        elif position_ids.ndim == 2:
+            rope = position_ids[None].expand(3, batch, -1)
+        elif position_ids.shape[0] == 4:  # generate()'s prefill: text positions first, then the three rows
+            sequence, rope = position_ids[0].expand(batch, -1), position_ids[1:]
+        else:
+            rope = position_ids.expand(-1, batch, -1)
+        if sequence is None:
+            if attention_mask is not None:
+                sequence = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                sequence = torch.arange(past, past + seq, device=device).expand(batch, -1)
+        return rope, sequence
+
+    def _mask_positions(self, positions):
+        return None  # the layers read position ids only for packed sequences (flash attention)
+
+
+def _refuse_sliding(config) -> None:
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise ValueError("Sliding-window layers (use_sliding_window=true) are not supported by Dynamic-LLaVA.")
+
+
+class DynamicQwen2VLTextModel(_QwenPositions, SparseDecoder, Qwen2VLTextModel):
+    """A `Qwen2VLTextModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
+
+    def __init__(self, config, sparsity):
+        _refuse_sliding(config)
+        Qwen2VLTextModel.__init__(self, config)
+        self._init_sparsity(config, sparsity)
+
+
+class DynamicQwen2_5_VLTextModel(_QwenPositions, SparseDecoder, Qwen2_5_VLTextModel):
+    """A `Qwen2_5_VLTextModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
+
+    def __init__(self, config, sparsity):
+        _refuse_sliding(config)
+        Qwen2_5_VLTextModel.__init__(self, config)
+        self._init_sparsity(config, sparsity)
+
+
+class _SparseQwenModel:
+    """What the stock `Qwen2VLModel` needs around a sparse language model: the loop's arguments reach it
+    (not the vision tower), and image features go to the prompt's image tokens only."""
+
+    def forward(self, *args, **kwargs):
+        self._image_token_mask = kwargs.get("image_token_mask")
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._image_token_mask = None
+
+    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in SPARSE_KWARGS}
+        return super().get_image_features(pixel_values, image_grid_thw, **kwargs)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+        mask = getattr(self, "_image_token_mask", None)
+        if mask is not None and mask.shape == inputs_embeds.shape[:2]:
+            image_mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return image_mask, video_mask
+
+
+class DynamicQwen2VLModel(_SparseQwenModel, Qwen2VLModel):
+    config_class = DynamicQwen2VLConfig
+
+    def __init__(self, config):
+        Qwen2VLPreTrainedModel.__init__(self, config)
+        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.language_model = DynamicQwen2VLTextModel(config.text_config, config)
+        self.rope_deltas = None
+        self._image_token_mask = None
+        self.post_init()
+
+
+class DynamicQwen2_5_VLModel(_SparseQwenModel, Qwen2_5_VLModel):
+    config_class = DynamicQwen2_5_VLConfig
+
+    def __init__(self, config):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.language_model = DynamicQwen2_5_VLTextModel(config.text_config, config)
+        self.rope_deltas = None
+        self._image_token_mask = None
+        self.post_init()
+
+
+class _SparseQwenForConditionalGeneration(SparseGeneration):
+    """The user-facing Qwen-VL classes: the stock ones, sparsified (see the module docstring)."""
+
+    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
+    _base_model_class: ClassVar[type]
+    _pretrained_class: ClassVar[type]
+
+    def __init__(self, config):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}.")
+        config.check_sparsity()
+        self._pretrained_class.__init__(self, config)
+        self.model = self._base_model_class(config)
+        self.config.__dict__["_structure_fixed"] = True
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a stock checkpoint of the family (fresh predictors) or a Dynamic one; sparsity settings may be
+        overridden as keyword arguments."""
+        refuse_misspelt_settings(kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @property
+    def image_predictor(self):
+        return self.model.language_model.image_predictor
+
+    @property
+    def text_predictor(self):
+        return self.model.language_model.text_predictor
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
+                mm_token_type_ids=None, logits_to_keep=0, output_text_start: int | None = None,
+                sparsity_policy: TokenPolicy | None = None, sparsity_stats: SparsityStats | None = None,
+                use_cache=None, mm_encoder_outputs=None, **kwargs):
+        """The stock forward, sparsified; returns a `DynamicLlavaOutput` (logits of the tokens that reached the
+        last layer: `kept_index` maps them to input positions)."""
+        if labels is not None:
+            raise NotImplementedError(f"Training {self.config.family} with Dynamic-LLaVA is not supported yet.")
+        if pixel_values_videos is not None or video_grid_thw is not None:
+            raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
+        check_policy(sparsity_policy)
+        if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
+            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
+        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
+            past_key_values = None  # an empty default cache: ours is made instead
+        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        if past == 0:
+            self.config.check_sparsity()
+        image_token_mask, counts = self._image_tokens(input_ids, pixel_values, image_grid_thw, mm_encoder_outputs,
+                                                      past, output_text_start)
+        record = ForwardRecord()
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs, image_token_mask=image_token_mask, tokens_per_image=counts,
+            output_text_start=output_text_start, sparsity_policy=sparsity_policy, sparsity_record=record, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        if sparsity_stats is not None:
+            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
+        return DynamicLlavaOutput(logits=logits, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                  kept_index=record.kept_index, kept_valid=record.kept_valid)
+
+    def _image_tokens(self, input_ids, pixel_values, image_grid_thw, mm_encoder_outputs, past, output_text_start):
+        """The prompt's image-token mask and the tokens of each image (checked against each other)."""
+        if input_ids is None or (pixel_values is None and (mm_encoder_outputs or {}).get("image") is None):
+            return None, None
+        mask = input_ids == self.config.image_token_id
+        if output_text_start is not None:
+            mask[:, max(output_text_start - past, 0) :] = False  # generated tokens are text, whatever their id
+        encoded = (mm_encoder_outputs or {}).get("image")
+        if encoded is not None:  # generate() encodes the images first: one feature row per image token
+            counts = [len(features) for features in encoded.pooler_output]
+        elif image_grid_thw is None:
+            raise ValueError("Images need their image_grid_thw (the processor returns it with pixel_values).")
+        else:
+            merge = self.config.vision_config.spatial_merge_size
+            counts = (image_grid_thw.prod(dim=-1) // merge**2).tolist()
+        if int(mask.sum()) != sum(counts):
+            raise ValueError(
+                f"The prompt has {int(mask.sum())} image tokens but its {len(counts)} image(s) need {sum(counts)}: "
+                "build the inputs with the model's processor."
+            )
+        return mask, counts
+
+
+class DynamicQwen2VLForConditionalGeneration(_SparseQwenForConditionalGeneration, Qwen2VLForConditionalGeneration):
+    config_class = DynamicQwen2VLConfig
+    _base_model_class = DynamicQwen2VLModel
+    _pretrained_class = Qwen2VLPreTrainedModel
+
+
+class DynamicQwen2_5_VLForConditionalGeneration(_SparseQwenForConditionalGeneration,
+                                                Qwen2_5_VLForConditionalGeneration):
+    config_class = DynamicQwen2_5_VLConfig
+    _base_model_class = DynamicQwen2_5_VLModel
+    _pretrained_class = Qwen2_5_VLPreTrainedModel
+
+
+def _register_with_transformers() -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    for config, ours, stock in (
+        (DynamicQwen2VLConfig, (DynamicQwen2VLForConditionalGeneration, DynamicQwen2VLModel),
+         (Qwen2VLForConditionalGeneration, Qwen2VLModel)),
+        (DynamicQwen2_5_VLConfig, (DynamicQwen2_5_VLForConditionalGeneration, DynamicQwen2_5_VLModel),
+         (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)),
+    ):
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+        AutoModelForImageTextToText.register(config, ours[0], exist_ok=True)
+        for mine, theirs in zip(ours, stock):  # stock checkpoints' (legacy) tensor names, renamed by class
+            register_checkpoint_conversion_mapping(mine.__name__, get_checkpoint_conversion_mapping(theirs.__name__),
+                                                   overwrite=True)
+
+
+_register_with_transformers()
+
+__all__ = [
+    "DynamicQwen2VLConfig", "DynamicQwen2VLForConditionalGeneration", "DynamicQwen2VLModel", "DynamicQwen2VLTextModel",
+    "DynamicQwen2_5_VLConfig", "DynamicQwen2_5_VLForConditionalGeneration", "DynamicQwen2_5_VLModel",
+    "DynamicQwen2_5_VLTextModel",
+]

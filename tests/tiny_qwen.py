@@ -1,0 +1,104 @@
+"""Tiny random Qwen2-VL / Qwen2.5-VL configs and inputs built in-process (no processor, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+from dynamic_llava import (
+    DynamicQwen2_5_VLConfig,
+    DynamicQwen2_5_VLForConditionalGeneration,
+    DynamicQwen2VLConfig,
+    DynamicQwen2VLForConditionalGeneration,
+)
+
+PAD, IMAGE, VIDEO, START, END = 0, 3, 4, 5, 6
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+FAMILIES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, DynamicQwen2VLConfig,
+                 DynamicQwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, DynamicQwen2_5_VLConfig,
+                   DynamicQwen2_5_VLForConditionalGeneration),
+}
+
+
+def config_kwargs(family: str) -> dict:
+    vision = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
+                  temporal_patch_size=TEMPORAL, in_channels=3)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=48, intermediate_size=64, num_heads=2,
+                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3,
+                      window_size=16, fullatt_block_indexes=[1])
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64, max_position_embeddings=512, pad_token_id=PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
+    return dict(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
+                vision_start_token_id=START, vision_end_token_id=END)
+
+
+def tiny_pair(family: str = "qwen2_vl", attn: str = "sdpa", seed: int = 0, **sparsity):
+    """(ours, stock) with the same weights (the stock class without the predictors)."""
+    stock_config_class, stock_class, config_class, model_class = FAMILIES[family]
+    settings = dict(sparse_layer=2, image_keep_rate=0.25, text_keep_rate=0.5, predictor_dim=16, predictor_heads=2,
+                    predictor_mlp_dim=32, predictor_head_dims=[16, 8], text_predictor_dims=[16, 8])
+    settings.update(sparsity)
+    config = config_class(**config_kwargs(family), **settings)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    ours = model_class(config).eval()
+    ours.set_attn_implementation(attn)
+    stock = stock_class(stock_config_class(**config_kwargs(family))).eval()
+    missing, unexpected = stock.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and all("predictor" in k for k in unexpected), (missing, unexpected)
+    stock.set_attn_implementation(attn)
+    return ours, stock
+
+
+def make_batch(prompts: list[list[tuple[str, object]]], seed: int = 0):
+    """Left-padded inputs from prompts of ("text", n tokens) and ("image", (h, w) in patches) parts."""
+    g = torch.Generator().manual_seed(seed)
+    rows, types, pixels, grids = [], [], [], []
+    for prompt in prompts:
+        ids, kinds = [], []
+        for kind, value in prompt:
+            if kind == "text":
+                ids += torch.randint(7, 64, (value,), generator=g).tolist()
+                kinds += [0] * value
+            else:
+                h, w = value
+                n = h * w // MERGE**2
+                ids += [START] + [IMAGE] * n + [END]
+                kinds += [0] + [1] * n + [0]
+                pixels.append(torch.randn(h * w, 3 * TEMPORAL * PATCH * PATCH, generator=g))
+                grids.append([1, h, w])
+        rows.append(ids)
+        types.append(kinds)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD)
+    mm_types = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, types)):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mm_types[i, width - len(r):] = torch.tensor(t)
+        mask[i, width - len(r):] = 1
+    out = dict(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=mm_types)
+    if pixels:
+        out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
+    return out
+
+
+def one(batch: dict, i: int, prompts) -> dict:
+    """Sample i of `make_batch(prompts)` alone (padding removed, its own images)."""
+    mask = batch["attention_mask"][i].bool()
+    out = {k: batch[k][i : i + 1, mask] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "image_grid_thw" in batch:
+        grids = batch["image_grid_thw"]
+        sizes = grids.prod(-1).tolist()
+        owners = [j for j, p in enumerate(prompts) for kind, _ in p if kind == "image"]
+        start = sum(s for s, o in zip(sizes, owners) if o < i)
+        mine = [k for k, o in enumerate(owners) if o == i]
+        if mine:
+            count = sum(sizes[k] for k in mine)
+            out["pixel_values"] = batch["pixel_values"][start : start + count]
+            out["image_grid_thw"] = grids[mine]
+    return out
