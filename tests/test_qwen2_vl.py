@@ -95,3 +95,23 @@ def test_refusals_name_the_problem():
         ours(**bad)
     with pytest.raises(ValueError, match="image_keep_rat"):
         FAMILIES["qwen2_vl"][3].from_pretrained("unused", image_keep_rat=0.2)
+
+
+def test_one_entry_point_picks_the_class_from_the_checkpoint(tmp_path):
+    import json
+
+    import dynamic_llava
+    from tiny import stock_copy, tiny_dynamic
+
+    qwen, qwen_stock = tiny_pair("qwen2_vl")
+    qwen_stock.save_pretrained(tmp_path / "qwen2-vl")
+    stock_copy(tiny_dynamic()).save_pretrained(tmp_path / "llava-hf")
+    loaded = dynamic_llava.from_pretrained(tmp_path / "qwen2-vl", image_keep_rate=0.5)
+    assert type(loaded).__name__ == "DynamicQwen2VLForConditionalGeneration" and loaded.config.image_keep_rate == 0.5
+    assert type(dynamic_llava.from_pretrained(tmp_path / "llava-hf")).__name__ == "DynamicLlavaForConditionalGeneration"
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="'bert' model; Dynamic-LLaVA loads"):
+        dynamic_llava.from_pretrained(tmp_path / "bert")
+    with pytest.raises(FileNotFoundError):
+        dynamic_llava.from_pretrained(tmp_path / "nothing-here")

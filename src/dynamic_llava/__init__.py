@@ -1,5 +1,6 @@
 """Dynamic-LLaVA: vision-language context sparsification for LLaVA models on HuggingFace transformers."""
 
+from .auto import from_pretrained, model_class_for
 from .cache import DynamicLlavaCache, SparseLayer
 from .config import DynamicLlavaConfig
 from .modeling import (
@@ -57,4 +58,6 @@ __all__ = [
     "TextPredictor",
     "TextSlots",
     "TokenPolicy",
+    "from_pretrained",
+    "model_class_for",
 ]
