@@ -421,7 +421,7 @@ HEADLINE = {"vqav2": ("accuracy",), "vizwiz": ("accuracy",), "textvqa": ("accura
 @app.command("eval")
 def eval_command(
     task: str = typer.Argument(..., help="vqav2, gqa, vizwiz, textvqa, pope, scienceqa, mme, mmbench or seed."),
-    model: str = typer.Option(..., "--model", help="Dynamic-LLaVA (or llava-hf) checkpoint folder with its processor."),
+    model: str = typer.Option(..., "--model", help="Checkpoint folder with its processor (LLaVA, Qwen2-VL, ...)."),
     questions: str = typer.Option(..., "--questions", help="The question file in LLaVA-1.5's format."),
     answers: str = typer.Option(..., "--answers", help="Answers JSONL to append to (a rerun continues it)."),
     images: str = typer.Option(None, "--images", help="Folder the questions' image paths are relative to."),
@@ -499,16 +499,14 @@ def _load_for_inference(model: str, dense: bool, image_keep_rate: float | None):
     import torch
     from transformers import AutoProcessor
 
-    from . import DynamicLlavaForConditionalGeneration
-    from .checkpoints import check_checkpoint_folder
+    from .auto import model_class_for
 
     try:
-        check_checkpoint_folder(model)
         settings = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense else {}
         if image_keep_rate is not None:
             settings["image_keep_rate"] = image_keep_rate
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        loaded = DynamicLlavaForConditionalGeneration.from_pretrained(
+        loaded = model_class_for(model).from_pretrained(
             model, dtype=torch.float16 if device == "cuda" else torch.float32, **settings)
         processor = AutoProcessor.from_pretrained(model)
     except (OSError, ValueError, TypeError) as err:

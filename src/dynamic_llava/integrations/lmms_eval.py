@@ -31,7 +31,8 @@ def manifest():
 
 
 class DynamicLlavaLMMS(lmms):
-    """A Dynamic-LLaVA (or llava-hf) checkpoint behind lmms-eval's `lmms` interface (images + text in, text out)."""
+    """A checkpoint of any supported family (`dynamic_llava.from_pretrained`) behind lmms-eval's `lmms` interface
+    (images + text in, text out)."""
 
     is_simple = True
 
@@ -46,7 +47,7 @@ class DynamicLlavaLMMS(lmms):
             )
         from transformers import AutoProcessor
 
-        from ..modeling import DynamicLlavaForConditionalGeneration
+        from ..auto import model_class_for
 
         settings = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense else {}
         for name, value in (("image_keep_rate", image_keep_rate), ("text_keep_rate", text_keep_rate)):
@@ -56,7 +57,7 @@ class DynamicLlavaLMMS(lmms):
                 settings[name] = float(value)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if self._device.type == "cuda" else torch.float32)
-        self._model = DynamicLlavaForConditionalGeneration.from_pretrained(pretrained, dtype=torch_dtype, **settings)
+        self._model = model_class_for(pretrained).from_pretrained(pretrained, dtype=torch_dtype, **settings)
         self._model.to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"
