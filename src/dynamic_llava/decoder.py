@@ -78,10 +78,6 @@ class ImageLayout:
         starts = torch.tensor([0, *counts[:-1]], device=flat.device).cumsum(0).unsqueeze(1)
         return cls(counts, flat[torch.where(valid, starts + columns, starts)], valid)  # padding: the first token
 
-    @property
-    def padding_valid(self) -> torch.Tensor | None:
-        return self.valid
-
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, N, ...] -> [images, T, ...] (padding entries repeat a token of the same image)."""
         return x.reshape(-1, *x.shape[2:])[self.index]
@@ -323,7 +319,7 @@ class SparseDecoder:
         key_keep = torch.ones(batch, seq, dtype=torch.float32, device=hidden.device)
         if image_token_mask is not None and self.image_predictor is not None and bool(image_token_mask.any()):
             layout = ImageLayout.from_mask(image_token_mask, tokens_per_image)
-            logits = self.image_predictor(layout.gather(hidden), layout.padding_valid)
+            logits = self.image_predictor(layout.gather(hidden), layout.valid)
             if self.training:
                 keep = sample_keep(logits, tau)
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 from transformers.cache_utils import DynamicCache
@@ -33,7 +34,6 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLPreTrainedModel,
     Qwen2VLTextModel,
 )
-from huggingface_hub.dataclasses import strict
 
 from .config import SparsitySettings, refuse_misspelt_settings
 from .decoder import SparseDecoder
