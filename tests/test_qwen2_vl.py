@@ -85,8 +85,10 @@ def test_save_load_round_trip_and_stock_checkpoints_load(family, tmp_path):
 def test_refusals_name_the_problem():
     ours, _ = tiny_pair("qwen2_vl")
     batch = make_batch(PROMPTS[:1])
-    with pytest.raises(NotImplementedError, match="Training"):
-        ours(**batch, labels=batch["input_ids"])
+    with pytest.raises(NotImplementedError, match="Videos"):
+        ours(**batch, pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["image_grid_thw"])
+    with pytest.raises(ValueError, match="one label per input token"):
+        ours(**batch, labels=batch["input_ids"][:, 1:])
     bad = dict(batch)
     bad["input_ids"] = batch["input_ids"].clone()
     bad["input_ids"][0, -1] = IMAGE  # one image token more than the image has
@@ -115,3 +117,81 @@ def test_one_entry_point_picks_the_class_from_the_checkpoint(tmp_path):
         dynamic_llava.from_pretrained(tmp_path / "bert")
     with pytest.raises(FileNotFoundError):
         dynamic_llava.from_pretrained(tmp_path / "nothing-here")
+
+
+def _decode_step_counts(model, context: int, **kwargs):
+    """Counts (host syncs, bytes allocated) of one decode step with the cache, after `context` steps."""
+    from dynamic_llava.benchmarking.counters import OpCounter
+
+    batch = make_batch(PROMPTS)
+    cache = DynamicLlavaCache.from_config(model.config) if hasattr(model.config, "sparse_layer") else None
+    with torch.no_grad():
+        out = model(**batch, past_key_values=cache, use_cache=True, **kwargs)
+        cache, token, mask = out.past_key_values, out.logits[:, -1:].argmax(-1), batch["attention_mask"]
+        for _ in range(context + 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = ((mask.sum(1, keepdim=True) - 1) + model.model.rope_deltas).unsqueeze(0).expand(3, -1, -1)
+            counter = OpCounter()
+            with counter:
+                out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, **kwargs)
+            token = out.logits[:, -1:].argmax(-1)
+    return counter, token
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decode_step_syncs_and_allocates_no_more_than_stock(family):
+    from dynamic_llava.benchmarking.methods import ForcedTextPolicy
+
+    ours, stock = tiny_pair(family, **KEEP_ALL)
+    (theirs, their_token), (keep_all, token) = _decode_step_counts(stock, 6), _decode_step_counts(ours, 6)
+    pruned, _ = _decode_step_counts(ours, 6, sparsity_policy=ForcedTextPolicy(image_keep_rate=0.25, text_keep_rate=0.5))
+    assert torch.equal(token, their_token)
+    assert keep_all.host_syncs <= theirs.host_syncs and pruned.host_syncs <= 2, (keep_all.syncs, pruned.syncs)
+    assert keep_all.bytes_allocated < theirs.bytes_allocated and pruned.bytes_allocated < theirs.bytes_allocated
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_path_agrees_with_inference_and_reaches_the_predictors(family):
+    ours, _ = tiny_pair(family, image_keep_rate=0.25)
+    batch = make_batch(PROMPTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        inference = ours(**batch)
+        keep = torch.zeros_like(mask, dtype=torch.float32).scatter_(1, inference.kept_index,
+                                                                    inference.kept_valid.float())
+        keep = torch.where(mask.bool(), keep, torch.ones_like(keep))
+        fixed = ours(**batch, labels=ids, keep_override=keep)  # the physical decisions, as masks
+        decided = ours(**batch, labels=ids)  # eval mode: the predictors' inference decisions
+    index, real = inference.kept_index, inference.kept_valid & mask.bool().gather(1, inference.kept_index)
+    for training in (fixed, decided):
+        kept = training.logits.gather(1, index.unsqueeze(-1).expand(-1, -1, training.logits.shape[-1]))
+        torch.testing.assert_close(kept[real], inference.logits[real], atol=1e-5, rtol=0)
+    assert decided.image_keep_ratio[:2].tolist() == [0.25, 0.25] and decided.image_keep_ratio[2].isnan()
+    ours.train()
+    answer = torch.zeros_like(mask, dtype=torch.bool)
+    answer[:, -4:] = True
+    out = ours(**batch, labels=ids, answer_mask=answer & mask.bool(), gumbel_tau=0.5)
+    out.loss.backward()
+    for part in ("image_predictor", "text_predictor", "layers"):
+        grads = [p.grad for n, p in ours.named_parameters() if f"language_model.{part}" in n]
+        assert grads and all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0, part
+
+
+def test_a_short_predictors_only_run_moves_the_image_keep_ratio_toward_its_target():
+    ours, _ = tiny_pair("qwen2_vl", image_keep_rate=0.1)
+    ours.train()
+    for name, p in ours.named_parameters():
+        p.requires_grad_("image_predictor" in name)
+    optimizer = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=3e-3)
+    batch = make_batch(PROMPTS[:2], seed=4)
+    torch.manual_seed(0)
+    ratios = []
+    for _ in range(40):
+        out = ours(**batch, labels=batch["input_ids"], gumbel_tau=1.0)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        ratios.append(float(out.image_keep_ratio.mean()))
+    first, last = sum(ratios[:5]) / 5, sum(ratios[-5:]) / 5
+    assert last < first - 0.15 and last < 0.3, ratios

@@ -73,6 +73,23 @@ def _only_where(values: torch.Tensor | None, counts: torch.Tensor | None) -> tor
     return torch.where(counts > 0, values.detach(), torch.full_like(values, float("nan")))
 
 
+def training_output(model, hidden, record, labels, num_items_in_batch) -> "DynamicLlavaOutput":
+    """The training path's output for any family: LM cross-entropy + budget_weight * (R_I + R_OT), and the
+    realised keep ratios."""
+    logits = model.lm_head(hidden)
+    lm_loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.text_config.vocab_size,
+                                  num_items_in_batch=num_items_in_batch)
+    budget = budget_loss(record, model.config.image_keep_rate, model.config.text_keep_rate)
+    return DynamicLlavaOutput(
+        loss=lm_loss + model.config.budget_weight * budget,
+        logits=logits,
+        lm_loss=lm_loss,
+        budget_loss=budget,
+        image_keep_ratio=_only_where(record.image_keep_mean, record.image_tokens),
+        text_keep_ratio=_only_where(record.text_keep_mean, record.text_tokens),
+    )
+
+
 class DynamicLlavaModel(LlavaModel):
     """`LlavaModel` whose language model is a `DynamicLlamaModel` (weights and names unchanged)."""
 
@@ -395,20 +412,7 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
             use_cache=False,
             **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
-        lm_loss = self.loss_function(
-            logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-            num_items_in_batch=num_items_in_batch,
-        )
-        budget = budget_loss(record, self.config.image_keep_rate, self.config.text_keep_rate)
-        return DynamicLlavaOutput(
-            loss=lm_loss + self.config.budget_weight * budget,
-            logits=logits,
-            lm_loss=lm_loss,
-            budget_loss=budget,
-            image_keep_ratio=_only_where(record.image_keep_mean, record.image_tokens),
-            text_keep_ratio=_only_where(record.text_keep_mean, record.text_tokens),
-        )
+        return training_output(self, outputs.last_hidden_state, record, labels, num_items_in_batch)
 
     def _check_inputs(self, input_ids, pixel_values, kwargs, cache, output_text_start, attention_mask=None):
         """Validate before any compute; return the prompt's image-token mask and tokens per image.
@@ -476,6 +480,7 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
 __all__ = [
     "DynamicLlamaModel",
     "SparseGeneration",
+    "training_output",
     "DynamicLlavaModel",
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaOutput",

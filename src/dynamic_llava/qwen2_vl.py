@@ -8,7 +8,8 @@ tensor, and decode positions come from ``rope_deltas`` exactly as in the stock m
 
 `DynamicQwen2VLForConditionalGeneration` and `DynamicQwen2_5_VLForConditionalGeneration` load the stock
 checkpoints (fresh predictors) or their own, and are used like the stock classes (``forward``,
-``generate``). Not yet: training (the masked path), videos, sliding-window layers.
+``generate``), and train with the same masked path and loss (``forward`` with ``labels``). Not yet:
+videos, sliding-window layers, and `dynamic-llava train`'s data pipeline for their processors.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 
 from .config import SparsitySettings, refuse_misspelt_settings
 from .decoder import SparseDecoder
-from .modeling import DynamicLlavaOutput, SparseGeneration
+from .modeling import DynamicLlavaOutput, SparseGeneration, training_output
 from .policies import TokenPolicy, check_policy
 from .stats import ForwardRecord, SparsityStats
 
 # arguments of the sparse loop that travel through the stock model's **kwargs to its language model
-SPARSE_KWARGS = ("image_token_mask", "tokens_per_image", "output_text_start", "sparsity_policy", "sparsity_record")
+SPARSE_KWARGS = ("image_token_mask", "tokens_per_image", "output_text_start", "sparsity_policy", "sparsity_record",
+                 "masked_training", "answer_mask", "gumbel_tau", "keep_override", "mask_gradient_scale")
 
 
 @strict
@@ -193,11 +195,11 @@ class _SparseQwenForConditionalGeneration(SparseGeneration):
                 labels=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
                 mm_token_type_ids=None, logits_to_keep=0, output_text_start: int | None = None,
                 sparsity_policy: TokenPolicy | None = None, sparsity_stats: SparsityStats | None = None,
-                use_cache=None, mm_encoder_outputs=None, **kwargs):
+                use_cache=None, mm_encoder_outputs=None, answer_mask=None, gumbel_tau: float = 1.0,
+                keep_override=None, mask_gradient_scale: float = 1.0, num_items_in_batch=None, **kwargs):
         """The stock forward, sparsified; returns a `DynamicLlavaOutput` (logits of the tokens that reached the
-        last layer: `kept_index` maps them to input positions)."""
-        if labels is not None:
-            raise NotImplementedError(f"Training {self.config.family} with Dynamic-LLaVA is not supported yet.")
+        last layer: `kept_index` maps them to input positions). With `labels` it is the sparsification-aware
+        training path, as for LLaVA (`DynamicLlavaForConditionalGeneration.forward`)."""
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
         check_policy(sparsity_policy)
@@ -211,6 +213,18 @@ class _SparseQwenForConditionalGeneration(SparseGeneration):
         image_token_mask, counts = self._image_tokens(input_ids, pixel_values, image_grid_thw, mm_encoder_outputs,
                                                       past, output_text_start)
         record = ForwardRecord()
+        if labels is not None:
+            if input_ids is not None and labels.shape != input_ids.shape:
+                raise ValueError(f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one "
+                                 "label per input token (-100 where no loss is taken).")
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, image_token_mask=image_token_mask,
+                tokens_per_image=counts, masked_training=True, answer_mask=answer_mask, gumbel_tau=gumbel_tau,
+                keep_override=keep_override, mask_gradient_scale=mask_gradient_scale, sparsity_record=record,
+                use_cache=False, **kwargs,
+            )
+            return training_output(self, outputs.last_hidden_state, record, labels, num_items_in_batch)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
