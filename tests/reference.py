@@ -35,3 +35,28 @@ def masked_reference_logits(stock, input_ids, attention_mask, pixel_values, key_
         mask = additive(dense_allowed if i < sparse_layer else sparse_allowed)
         hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=positions)
     return stock.lm_head(lm.norm(hidden))
+
+
+def qwen_masked_reference_logits(stock, batch: dict, key_kept, sparse_layer):
+    """The same masking-only reference for a stock Qwen2-VL / Qwen2.5-VL model: its own image features, its own
+    3-D positions (`get_rope_index`), and in layers >= K the dropped tokens hidden as keys."""
+    model, lm = stock.model, stock.model.language_model
+    ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    embeds = lm.embed_tokens(ids)
+    features = torch.cat(list(model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                                       return_dict=True).pooler_output))
+    embeds = embeds.masked_scatter((ids == stock.config.image_token_id).unsqueeze(-1), features.to(embeds.dtype))
+    positions, _ = model.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"],
+                                        image_grid_thw=batch["image_grid_thw"], attention_mask=attention_mask)
+    cos_sin = lm.rotary_emb(embeds, positions)
+    n = ids.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    pad_ok = attention_mask.bool()[:, None, :]
+    eye = torch.eye(n, dtype=torch.bool)
+    neg = torch.finfo(embeds.dtype).min
+    masks = [torch.where((causal & pad_ok & keys[:, None, :]) | eye, 0.0, neg).unsqueeze(1).to(embeds.dtype)
+             for keys in (torch.ones_like(key_kept), key_kept)]
+    hidden = embeds
+    for i, layer in enumerate(lm.layers):
+        hidden = layer(hidden, attention_mask=masks[i >= sparse_layer], position_embeddings=cos_sin)
+    return stock.lm_head(lm.norm(hidden))

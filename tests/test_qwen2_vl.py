@@ -195,3 +195,22 @@ def test_a_short_predictors_only_run_moves_the_image_keep_ratio_toward_its_targe
         ratios.append(float(out.image_keep_ratio.mean()))
     first, last = sum(ratios[:5]) / 5, sum(ratios[-5:]) / 5
     assert last < first - 0.15 and last < 0.3, ratios
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_physical_path_equals_masked_reference(family, attn):
+    from reference import qwen_masked_reference_logits
+
+    ours, stock = tiny_pair(family, attn=attn, image_keep_rate=0.3)
+    batch = make_batch(PROMPTS)
+    with torch.no_grad():
+        out = ours(**batch)
+        key_kept = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        key_kept.scatter_(1, out.kept_index, out.kept_valid)
+        ref = qwen_masked_reference_logits(stock, batch, key_kept, ours.config.sparse_layer)
+    real = out.kept_valid & batch["attention_mask"].bool().gather(1, out.kept_index)
+    ref_kept = ref.gather(1, out.kept_index.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    torch.testing.assert_close(out.logits[real], ref_kept[real], atol=1e-5, rtol=0)
+    image = batch["input_ids"] == IMAGE
+    assert int((key_kept & image).sum()) == 1 + 2 + 4  # floor(0.3 * 4), floor(0.3 * 8), floor(0.3 * 16)
