@@ -3,6 +3,7 @@
 from .auto import from_pretrained, model_class_for
 from .cache import DynamicLlavaCache, SparseLayer
 from .config import DynamicLlavaConfig
+from .llava_next import DynamicLlavaNextConfig, DynamicLlavaNextForConditionalGeneration
 from .modeling import (
     DynamicLlamaModel,
     DynamicLlavaForConditionalGeneration,
@@ -38,6 +39,8 @@ __all__ = [
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaModel",
     "DynamicLlamaModel",
+    "DynamicLlavaNextConfig",
+    "DynamicLlavaNextForConditionalGeneration",
     "DynamicQwen2VLConfig",
     "DynamicQwen2VLForConditionalGeneration",
     "DynamicQwen2_5_VLConfig",

@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.models.mistral.modeling_mistral import MistralModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -456,12 +457,8 @@ def _visibility_function(visible: torch.Tensor, q_offset: int):
 
 
 
-class DynamicLlamaModel(SparseDecoder, LlamaModel):
-    """A `LlamaModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
-
-    def __init__(self, config, sparsity):
-        LlamaModel.__init__(self, config)
-        self._init_sparsity(config, sparsity)
+class SequencePositions:
+    """One position per token (Llama, Mistral): RoPE and everything else read the same [B, N] positions."""
 
     def _positions(self, position_ids, attention_mask, past, batch, seq, device):
         if position_ids is None:
@@ -470,4 +467,36 @@ class DynamicLlamaModel(SparseDecoder, LlamaModel):
         return position_ids, position_ids
 
 
-__all__ = ["DynamicLlamaModel", "ImageLayout", "SparseDecoder"]
+class DynamicLlamaModel(SequencePositions, SparseDecoder, LlamaModel):
+    """A `LlamaModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
+
+    def __init__(self, config, sparsity):
+        LlamaModel.__init__(self, config)
+        self._init_sparsity(config, sparsity)
+
+
+class DynamicMistralModel(SequencePositions, SparseDecoder, MistralModel):
+    """A `MistralModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
+
+    def __init__(self, config, sparsity):
+        if getattr(config, "sliding_window", None) is not None:
+            raise ValueError("Sliding-window attention (Mistral's sliding_window) is not supported by Dynamic-LLaVA.")
+        MistralModel.__init__(self, config)
+        self._init_sparsity(config, sparsity)
+
+
+TEXT_MODELS = {"llama": DynamicLlamaModel, "mistral": DynamicMistralModel}
+
+
+def sparse_text_model(text_config, sparsity):
+    """The sparse text model for a config's decoder family, or a clear error naming the supported ones."""
+    model_type = text_config.model_type
+    if model_type not in TEXT_MODELS:
+        raise ValueError(
+            f"Dynamic-LLaVA supports {', '.join(TEXT_MODELS)} language models here; this checkpoint has {model_type!r}."
+        )
+    return TEXT_MODELS[model_type](text_config, sparsity)
+
+
+__all__ = ["DynamicLlamaModel", "DynamicMistralModel", "ImageLayout", "SequencePositions", "SparseDecoder",
+           "TEXT_MODELS", "sparse_text_model"]

@@ -24,7 +24,7 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils import logging
 
 from .cache import DynamicLlavaCache
-from .decoder import DynamicLlamaModel
+from .decoder import DynamicLlamaModel, sparse_text_model
 from .checkpoints import (
     check_checkpoint_folder,
     checkpoint_tensor_shapes,
@@ -43,7 +43,6 @@ from .validation import check_number
 
 logger = logging.get_logger(__name__)
 
-SUPPORTED_TEXT_MODELS = ("llama",)
 
 
 @dataclass
@@ -90,40 +89,37 @@ def training_output(model, hidden, record, labels, num_items_in_batch) -> "Dynam
     )
 
 
-class DynamicLlavaModel(LlavaModel):
-    """`LlavaModel` whose language model is a `DynamicLlamaModel` (weights and names unchanged)."""
+class PromptImageMask:
+    """Image features go to the prompt's image tokens only (`image_token_mask`): a generated token that carries
+    the image id stays text, as in the stock model. Mixed into a family's base model."""
+
+    def forward(self, *args, **kwargs):
+        self._image_token_mask = kwargs.get("image_token_mask")
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._image_token_mask = None
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        mask = getattr(self, "_image_token_mask", None)
+        if mask is None or mask.shape != inputs_embeds.shape[:2]:
+            return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
+        return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+
+
+class DynamicLlavaModel(PromptImageMask, LlavaModel):
+    """`LlavaModel` whose language model is a sparse one (`decoder.py`; weights and names unchanged)."""
 
     config_class = DynamicLlavaConfig
 
     def __init__(self, config: DynamicLlavaConfig):
         LlavaPreTrainedModel.__init__(self, config)
-        text_type = config.text_config.model_type
-        if text_type not in SUPPORTED_TEXT_MODELS:
-            raise ValueError(
-                f"Dynamic-LLaVA supports LLaVA checkpoints with a {SUPPORTED_TEXT_MODELS} language model; "
-                f"this one has '{text_type}'."
-            )
         config.check_sparsity()
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = DynamicLlamaModel(config.text_config, config)
+        self.language_model = sparse_text_model(config.text_config, config)
         self._image_token_mask = None
         self.post_init()
-
-    def forward(self, *args, image_token_mask: torch.Tensor | None = None, **kwargs):
-        """`LlavaModel.forward`; image features go to `image_token_mask` (the prompt's image tokens) only."""
-        self._image_token_mask = image_token_mask
-        try:
-            return super().forward(*args, image_token_mask=image_token_mask, **kwargs)
-        finally:
-            self._image_token_mask = None
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        """Where image features go: the prompt's image tokens; generated tokens with the image id stay text."""
-        mask = self._image_token_mask
-        if mask is None or mask.shape != inputs_embeds.shape[:2]:
-            return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
 
 class SparseGeneration:
@@ -479,6 +475,7 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
 
 __all__ = [
     "DynamicLlamaModel",
+    "PromptImageMask",
     "SparseGeneration",
     "training_output",
     "DynamicLlavaModel",

@@ -1,0 +1,177 @@
+"""Dynamic-LLaVA on stock transformers LLaVA-NeXT (LLaVA-1.6): anyres images through the same sparse loop.
+
+LLaVA-NeXT cuts each image into tiles at the resolution that fits it best (``image_grid_pinpoints``) plus a
+down-scaled view, and packs their features with an ``image_newline`` after each row, so images differ in
+their number of tokens: each keeps ``floor(rate * its own tokens)`` (`decoder.ImageLayout`), the newline
+tokens counting as image tokens. The images are encoded first (``get_image_features``), which tells how
+many tokens each one has. The decoder is Llama (Vicuna, Yi) or Mistral.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoModel, LlavaNextConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    LlavaNextMultiModalProjector,
+    LlavaNextPreTrainedModel,
+)
+
+from .config import SparsitySettings, refuse_misspelt_settings
+from .decoder import sparse_text_model
+from .modeling import DynamicLlavaOutput, PromptImageMask, SparseGeneration, training_output
+from .policies import TokenPolicy, check_policy
+from .stats import ForwardRecord, SparsityStats
+
+
+@strict
+class DynamicLlavaNextConfig(SparsitySettings, LlavaNextConfig):
+    """LLaVA-NeXT configuration with the Dynamic-LLaVA sparsity settings (`SparsitySettings`)."""
+
+    model_type = "dynamic_llava_next"
+    base_model_types: ClassVar[tuple[str, ...]] = (LlavaNextConfig.model_type,)
+    family: ClassVar[str] = "LLaVA-NeXT"
+
+
+class DynamicLlavaNextModel(PromptImageMask, LlavaNextModel):
+    """`LlavaNextModel` whose language model is a sparse one (weights and names unchanged)."""
+
+    config_class = DynamicLlavaNextConfig
+
+    def __init__(self, config):
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaNextMultiModalProjector(config)
+        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = sparse_text_model(config.text_config, config)
+        self._image_token_mask = None
+        self.post_init()
+
+
+class DynamicLlavaNextForConditionalGeneration(SparseGeneration, LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT with Dynamic-LLaVA sparsification; loads llava-hf LLaVA-NeXT checkpoints (fresh predictors)
+    or its own, and is used like `LlavaNextForConditionalGeneration`."""
+
+    config_class = DynamicLlavaNextConfig
+    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
+
+    def __init__(self, config):
+        if not isinstance(config, DynamicLlavaNextConfig):
+            raise TypeError(f"config must be a DynamicLlavaNextConfig, got {type(config).__name__}.")
+        config.check_sparsity()
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.model = DynamicLlavaNextModel(config)
+        self.config.__dict__["_structure_fixed"] = True
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a llava-hf LLaVA-NeXT checkpoint (fresh predictors) or a Dynamic one; sparsity settings may be
+        overridden as keyword arguments."""
+        refuse_misspelt_settings(kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @property
+    def image_predictor(self):
+        return self.model.language_model.image_predictor
+
+    @property
+    def text_predictor(self):
+        return self.model.language_model.text_predictor
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, vision_feature_layer=None,
+                vision_feature_select_strategy=None, logits_to_keep=0, output_text_start: int | None = None,
+                sparsity_policy: TokenPolicy | None = None, sparsity_stats: SparsityStats | None = None,
+                mm_encoder_outputs=None, use_cache=None, answer_mask=None, gumbel_tau: float = 1.0,
+                keep_override=None, mask_gradient_scale: float = 1.0, num_items_in_batch=None, **kwargs):
+        """The stock forward, sparsified; returns a `DynamicLlavaOutput` (logits of the tokens that reached the
+        last layer: `kept_index` maps them to input positions). With `labels`: the training path."""
+        check_policy(sparsity_policy)
+        if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
+            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
+        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
+            past_key_values = None
+        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        if past == 0:
+            self.config.check_sparsity()
+        if pixel_values is not None:  # encode now: the packed features tell each image's token count
+            if image_sizes is None:
+                raise ValueError("LLaVA-NeXT images need their image_sizes (the processor returns them).")
+            mm_encoder_outputs = {"image": self.model.get_image_features(
+                pixel_values, image_sizes,
+                vision_feature_layer=vision_feature_layer if vision_feature_layer is not None
+                else self.config.vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy or self.config.vision_feature_select_strategy,
+                return_dict=True,
+            )}
+        image_token_mask, counts = self._image_tokens(input_ids, mm_encoder_outputs, past, output_text_start)
+        record = ForwardRecord()
+        common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      mm_encoder_outputs=mm_encoder_outputs, image_token_mask=image_token_mask, tokens_per_image=counts,
+                      sparsity_record=record, **kwargs)
+        if labels is not None:
+            if input_ids is not None and labels.shape != input_ids.shape:
+                raise ValueError(f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one "
+                                 "label per input token (-100 where no loss is taken).")
+            outputs = self.model(**common, masked_training=True, answer_mask=answer_mask, gumbel_tau=gumbel_tau,
+                                 keep_override=keep_override, mask_gradient_scale=mask_gradient_scale, use_cache=False)
+            return training_output(self, outputs.last_hidden_state, record, labels, num_items_in_batch)
+        outputs = self.model(**common, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_text_start=output_text_start, sparsity_policy=sparsity_policy)
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        if sparsity_stats is not None:
+            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
+        return DynamicLlavaOutput(logits=logits, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                  image_hidden_states=outputs.image_hidden_states, kept_index=record.kept_index,
+                                  kept_valid=record.kept_valid)
+
+    def _image_tokens(self, input_ids, mm_encoder_outputs, past, output_text_start):
+        """The prompt's image-token mask and each image's token count (checked against each other)."""
+        encoded = (mm_encoder_outputs or {}).get("image")
+        if input_ids is None or encoded is None:
+            return None, None
+        mask = input_ids == self.config.image_token_id
+        if output_text_start is not None:
+            mask[:, max(output_text_start - past, 0) :] = False  # generated tokens are text, whatever their id
+        counts = [len(features) for features in encoded.pooler_output]
+        if int(mask.sum()) != sum(counts):
+            raise ValueError(
+                f"The prompt has {int(mask.sum())} image tokens but its {len(counts)} image(s) need {sum(counts)}: "
+                "build the inputs with the model's processor (it expands each '<image>' for its size)."
+            )
+        return mask, counts
+
+
+def _register_with_transformers() -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    AutoConfig.register(DynamicLlavaNextConfig.model_type, DynamicLlavaNextConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(DynamicLlavaNextConfig, DynamicLlavaNextForConditionalGeneration,
+                                         exist_ok=True)
+    register_checkpoint_conversion_mapping(DynamicLlavaNextConfig.model_type,
+                                           get_checkpoint_conversion_mapping(LlavaNextConfig.model_type), overwrite=True)
+    register_checkpoint_conversion_mapping(DynamicLlavaNextModel.__name__,
+                                           get_checkpoint_conversion_mapping(LlavaNextModel.__name__), overwrite=True)
+
+
+_register_with_transformers()
+
+__all__ = ["DynamicLlavaNextConfig", "DynamicLlavaNextForConditionalGeneration", "DynamicLlavaNextModel"]
