@@ -9,6 +9,7 @@ and bytes allocated are counted once per method (`dynamic_llava.benchmarking.cou
 
     python benchmarks/decode_vs_stock.py                       # batch 1 and 8, context 256 / 1K / 2K
     python benchmarks/decode_vs_stock.py --quick               # a smoke run
+    python benchmarks/decode_vs_stock.py --family qwen2_vl     # the same against stock Qwen2-VL
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dynamic_llava.benchmarking.counters import OpCounter
 from dynamic_llava.benchmarking.methods import ForcedTextPolicy
 
 IMAGE_TOKEN, PAD = 3, 0
+VISION_START, VISION_END, MERGE, PATCH = 5, 6, 2, 4
 
 
 def configs(args) -> tuple[dict, dict]:
@@ -42,6 +44,54 @@ def configs(args) -> tuple[dict, dict]:
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, image_seq_length=side * side,
     )
     return base, dict(sparse_layer=2, image_keep_rate=1.0, text_keep_rate=1.0)
+
+
+def qwen_models(args):
+    """(ours, stock) Qwen2-VL with the decoder of `configs` and a small vision tower (speed: the decoder's)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from dynamic_llava import DynamicQwen2VLConfig, DynamicQwen2VLForConditionalGeneration
+
+    head = args.hidden // args.heads
+    quarter = head // 2 // 4
+    base = dict(
+        vision_config=dict(depth=1, embed_dim=64, hidden_size=args.hidden, num_heads=4, patch_size=PATCH,
+                           spatial_merge_size=MERGE, temporal_patch_size=2),
+        text_config=dict(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                         vocab_size=args.vocab, max_position_embeddings=args.prompt + max(args.contexts) + 64,
+                         pad_token_id=PAD, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "mrope_section": [head // 2 - 2 * quarter, quarter, quarter]}),
+        image_token_id=IMAGE_TOKEN, video_token_id=4, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+    torch.manual_seed(0)
+    ours = DynamicQwen2VLForConditionalGeneration(DynamicQwen2VLConfig(**base, sparse_layer=2, image_keep_rate=1.0,
+                                                                       text_keep_rate=1.0)).eval()
+    stock = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**base)).eval()
+    missing, _ = stock.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing, missing
+    return ours, stock
+
+
+def qwen_prompts(args, batch: int, tokens_per_image: int) -> dict:
+    """Qwen2-VL inputs shaped like `prompts`: one image of `tokens_per_image` tokens per sample."""
+    g = torch.Generator().manual_seed(0)
+    side = int(tokens_per_image ** 0.5) * MERGE  # patches per side
+    rows = []
+    for b in range(batch):
+        text = args.prompt - tokens_per_image - 2 - (0 if batch == 1 else 4 * b)
+        before = text // 3
+        rows.append(torch.cat([torch.randint(7, args.vocab, (before,), generator=g), torch.tensor([VISION_START]),
+                               torch.full((tokens_per_image,), IMAGE_TOKEN), torch.tensor([VISION_END]),
+                               torch.randint(7, args.vocab, (text - before,), generator=g)]))
+    width = max(len(r) for r in rows)
+    ids = torch.full((batch, width), PAD)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_TOKEN).long(),
+                pixel_values=torch.randn(batch * side * side, 3 * 2 * PATCH * PATCH, generator=g),
+                image_grid_thw=torch.tensor([[1, side, side]] * batch))
 
 
 def prompts(args, batch: int, tokens_per_image: int):
@@ -65,22 +115,25 @@ def prompts(args, batch: int, tokens_per_image: int):
 class Runner:
     """One method's decode: its model, cache, last token and step kwargs."""
 
-    def __init__(self, name, model, ids, mask, pixels, **kwargs):
+    def __init__(self, name, model, inputs: dict, **kwargs):
         self.name, self.model, self.kwargs, self.times = name, model, kwargs, []
-        self.cache = DynamicLlavaCache.from_config(model.config) if isinstance(
-            model, DynamicLlavaForConditionalGeneration) else None
+        self.cache = DynamicLlavaCache.from_config(model.config) if hasattr(model.config, "sparse_layer") else None
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=self.cache,
-                        use_cache=True, **kwargs)
+            out = model(**inputs, past_key_values=self.cache, use_cache=True, **kwargs)
         self.cache = out.past_key_values
-        self.mask, self.token = mask, out.logits[:, -1:].argmax(-1)
+        self.mask, self.token = inputs["attention_mask"], out.logits[:, -1:].argmax(-1)
+        self.rope_deltas = getattr(model.model, "rope_deltas", None)  # Qwen2-VL: decode positions as generate() makes
 
     def step(self, counter=None) -> None:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        positions = {}
+        if self.rope_deltas is not None:
+            positions["position_ids"] = (self.mask.sum(1, keepdim=True) - 1 + self.rope_deltas).unsqueeze(0).expand(
+                3, -1, -1)
         start = time.perf_counter()
         with torch.no_grad(), (counter or contextlib.nullcontext()):
             out = self.model(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache,
-                             use_cache=True, **self.kwargs)
+                             use_cache=True, **positions, **self.kwargs)
             self.token = out.logits[:, -1:].argmax(-1)
         self.times.append(time.perf_counter() - start)
 
@@ -90,10 +143,16 @@ class Runner:
 
 
 def run_batch(args, batch: int, stock, ours) -> dict:
-    ids, mask, pixels = prompts(args, batch, ours.tokens_per_image())
+    tokens_per_image = args.image_side ** 2
+    if args.family == "qwen2_vl":
+        inputs = qwen_prompts(args, batch, tokens_per_image)
+    else:
+        ids, mask, pixels = prompts(args, batch, tokens_per_image)
+        inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    mask = inputs["attention_mask"]
     pruned_policy = ForcedTextPolicy(image_keep_rate=0.2, text_keep_rate=0.5)
-    runners = [Runner("stock", stock, ids, mask, pixels), Runner("keep-all", ours, ids, mask, pixels),
-               Runner("pruned", ours, ids, mask, pixels, sparsity_policy=pruned_policy)]
+    runners = [Runner("stock", stock, inputs), Runner("keep-all", ours, inputs),
+               Runner("pruned", ours, inputs, sparsity_policy=pruned_policy)]
     counts, steps = {}, max(args.contexts)
     for i in range(steps):
         for r in runners:
@@ -129,19 +188,24 @@ def main() -> None:
     p.add_argument("--contexts", default="256,1024,2048", help="generated tokens at which steps are timed")
     p.add_argument("--window", type=int, default=64, help="steps timed before each context length")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--family", choices=("llava", "qwen2_vl"), default="llava")
     p.add_argument("--quick", action="store_true", help="contexts 32 / 64, window 16")
     p.add_argument("--output", default="results/decode_vs_stock.json")
     args = p.parse_args()
     args.contexts = [32, 64] if args.quick else [int(c) for c in args.contexts.split(",")]
     args.window = 16 if args.quick else args.window
     torch.set_num_threads(args.threads)
-    base, sparsity = configs(args)
-    torch.manual_seed(0)
-    ours = DynamicLlavaForConditionalGeneration(DynamicLlavaConfig(**base, **sparsity)).eval()
-    stock = LlavaForConditionalGeneration(LlavaConfig(**base)).eval()
-    missing, _ = stock.load_state_dict(ours.state_dict(), strict=False)
-    assert not missing, missing
-    report = {"model": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "image_side", "prompt")},
+    if args.family == "qwen2_vl":
+        ours, stock = qwen_models(args)
+    else:
+        base, sparsity = configs(args)
+        torch.manual_seed(0)
+        ours = DynamicLlavaForConditionalGeneration(DynamicLlavaConfig(**base, **sparsity)).eval()
+        stock = LlavaForConditionalGeneration(LlavaConfig(**base)).eval()
+        missing, _ = stock.load_state_dict(ours.state_dict(), strict=False)
+        assert not missing, missing
+    report = {"family": args.family,
+              "model": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "image_side", "prompt")},
               "threads": args.threads, "torch": torch.__version__, "batches": []}
     for batch in (int(b) for b in args.batches.split(",")):
         result = run_batch(args, batch, stock, ours)
