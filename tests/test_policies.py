@@ -386,3 +386,34 @@ def test_dart_keeps_its_pivots_and_the_least_duplicated_tokens():
     expected = (-duplication).scatter(0, pivots, float("inf"))
     assert torch.equal(policy.scores[0], expected)
     assert torch.isinf(policy.scores[0][pivots]).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_attention_probe_runs_the_layers_own_attention(family):
+    """The probe gives eager attention's probabilities, also for layers with q/k norms (Qwen3)."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    from dynamic_llava.policies import attention_probe
+
+    config = AutoConfig.for_model(family, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  intermediate_size=64, num_hidden_layers=1, vocab_size=50)
+    config._attn_implementation = "eager"
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = {"llama": "Llama", "qwen3": "Qwen3"}[family]
+    torch.manual_seed(0)
+    layer = getattr(module, f"{prefix}DecoderLayer")(config, 0).eval()
+    rotary = getattr(module, f"{prefix}RotaryEmbedding")(config)
+    hidden = torch.randn(2, 7, 32)
+    cos_sin = rotary(hidden, torch.arange(7).expand(2, -1))
+    causal = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 7, 7)
+    additive = torch.zeros(2, 1, 7, 7).masked_fill(~causal.unsqueeze(1), torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        _, weights = layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=cos_sin,
+                                     attention_mask=additive)
+        keys, probs = attention_probe(layer, hidden, cos_sin, allowed=causal)
+        _, last = attention_probe(layer, hidden, cos_sin, allowed=causal[:, 4:5], rows=slice(4, 5))
+    torch.testing.assert_close(probs, weights.mean(dim=1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(last[:, 0], weights.mean(dim=1)[:, 4], atol=1e-6, rtol=1e-5)
+    assert keys.shape == (2, 2, 7, 8) and config._attn_implementation == "eager"  # restored after

@@ -41,7 +41,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
 from .losses import balance_mask_gradient
-from .policies import LearnedPolicy, PolicyContext, TextSlots, TokenPolicy, layer_keys, query_attention
+from .policies import LearnedPolicy, PolicyContext, TextSlots, TokenPolicy, attention_probe
 from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
 from .stats import ForwardRecord
 
@@ -418,16 +418,17 @@ class SparseDecoder:
         """
         k_layer = self.sparsity.sparse_layer
         layer, stored = self.layers[k_layer], cache.layers[k_layer]
-        new_keys = layer_keys(layer, hidden, position_embeddings)
+        past_keys = stored.keys if stored.is_initialized else None
         past_valid = cache.sparse_valid_mask()
-        keys = torch.cat([stored.keys, new_keys], dim=2) if stored.is_initialized else new_keys
-        mask_2d = valid if past_valid is None or not stored.is_initialized else torch.cat([past_valid, valid], dim=1)
-        queries, n_stored = hidden.shape[1], keys.shape[2] - hidden.shape[1]
+        n_stored = 0 if past_keys is None else past_keys.shape[2]
+        mask_2d = valid if past_valid is None or past_keys is None else torch.cat([past_valid, valid], dim=1)
+        queries = hidden.shape[1]
         causal = torch.ones(queries, n_stored + queries, dtype=torch.bool, device=hidden.device).tril(n_stored)
         allowed = (causal & mask_2d.unsqueeze(1)) | ~valid.unsqueeze(2)  # filler rows: anything, then zeroed
         if visible is not None:
             allowed &= visible
-        received = (query_attention(layer, hidden, position_embeddings, keys, allowed) * valid.unsqueeze(2)).sum(dim=1)
+        _, probs = attention_probe(layer, hidden, position_embeddings, allowed=allowed, past_keys=past_keys)
+        received = (probs * valid.unsqueeze(2)).sum(dim=1)
         if n_stored:
             cache.add_attention(received[:, :n_stored])
         return received[:, n_stored:]

@@ -4,7 +4,7 @@ The engine that applies a policy (gather, cache, masks) is `modeling.py`; see `b
 questions a policy answers.
 """
 
-from .base import PolicyContext, TextSlots, TokenPolicy, check_policy, layer_keys, query_attention
+from .base import PolicyContext, TextSlots, TokenPolicy, attention_probe, check_policy, layer_keys
 from .cdpruner import CDPrunerPolicy
 from .dart import DARTPolicy
 from .fastv import FastVPolicy
@@ -25,6 +25,6 @@ __all__ = [
     "TextSlots",
     "TokenPolicy",
     "check_policy",
+    "attention_probe",
     "layer_keys",
-    "query_attention",
 ]

@@ -11,9 +11,10 @@ The engine (`modeling.py`: gather, cache, masks) asks a policy three questions a
   without one it hides them from every query that comes after their eviction, so both give the
   same tokens.
 
-A method returning ``None`` keeps every token of that kind. The helpers at the bottom compute one
-layer's attention probabilities for a few queries only, for policies that rank tokens by
-attention without switching the model to eager attention.
+A method returning ``None`` keeps every token of that kind. `attention_probe` runs one layer's own
+attention module with a probe registered in transformers' `AttentionInterface` (its keys, and the
+probabilities of a few queries), for policies that rank tokens by attention without switching the model
+to eager attention or re-implementing any family's attention.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from ..validation import check_rate
 
@@ -148,33 +150,69 @@ def check_optional_rate(name: str, value) -> None:
         check_rate(name, value, "None uses the model config's rate")
 
 
-def layer_keys(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Keys of a Llama decoder `layer` for the hidden states entering it: [B, kv_heads, N, head_dim], after RoPE."""
-    attn = layer.self_attn
-    batch, seq, _ = hidden.shape
-    keys = attn.k_proj(layer.input_layernorm(hidden)).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    return _rope(keys, *position_embeddings)
+PROBE_ATTENTION = "dynamic_llava_probe"
 
 
-def query_attention(layer, hidden: torch.Tensor, position_embeddings, keys: torch.Tensor, allowed: torch.Tensor):
-    """Attention probabilities of a few queries in `layer`, averaged over heads: [B, Q, T].
+@dataclass
+class _Probe:
+    """What one probing pass of a layer's attention asks for and gets back."""
 
-    hidden [B, Q, H] entering the layer at the queries, position_embeddings their (cos, sin), keys
-    [B, kv_heads, T, head_dim] after RoPE, allowed [B, Q, T] bool. Same arithmetic as eager attention
-    (scaled QK^T, softmax in fp32), but only these rows: the layer itself keeps its own implementation.
+    allowed: torch.Tensor | None = None  # [B, Q, T] bool: compute these query rows' probabilities
+    rows: slice | None = None  # which queries (None: all)
+    keys: torch.Tensor | None = None  # [B, kv_heads, T, head_dim], after the layer's own norms and RoPE
+    probs: torch.Tensor | None = None  # [B, Q, T], mean over heads
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, probe=None, **kwargs):
+    """`AttentionInterface` entry: records the keys (and the probabilities of some rows); its output is unused."""
+    probe.keys = key
+    if probe.allowed is not None:
+        q = query if probe.rows is None else query[:, :, probe.rows]
+        scores = torch.matmul(q, repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
+        scores = scores.float().masked_fill(~probe.allowed.unsqueeze(1), float("-inf"))
+        probe.probs = scores.softmax(dim=-1).mean(dim=1)
+    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+
+AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
+
+
+class _Peek:
+    """Stands in for a cache for one call: the layer's new keys follow the stored ones, nothing is stored."""
+
+    def __init__(self, keys: torch.Tensor):
+        self.keys = keys
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        values = value_states.new_zeros(*self.keys.shape[:-1], value_states.shape[-1])
+        return torch.cat([self.keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
+
+
+def attention_probe(layer, hidden: torch.Tensor, position_embeddings, allowed: torch.Tensor | None = None,
+                    rows: slice | None = None, past_keys: torch.Tensor | None = None):
+    """Run decoder `layer`'s own attention module (its projections, q/k norms and RoPE, whatever the family) on
+    `hidden` entering the layer, with the probe attention registered in transformers' `AttentionInterface`.
+
+    Returns (keys [B, kv_heads, T, head_dim], probs [B, Q, T] or None): the keys after RoPE (`past_keys`, stored
+    ones, first) and, with `allowed` [B, Q, T], the attention probabilities of the query `rows` (softmax in fp32,
+    mean over heads), as eager attention computes them. The layer's configured implementation is restored after.
     """
     attn = layer.self_attn
-    batch, queries, _ = hidden.shape
-    q = attn.q_proj(layer.input_layernorm(hidden)).view(batch, queries, -1, attn.head_dim).transpose(1, 2)
-    q = _rope(q, *position_embeddings)
-    scores = torch.matmul(q, repeat_kv(keys, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
-    scores = scores.float().masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    return scores.softmax(dim=-1).mean(dim=1)
+    probe = _Probe(allowed=allowed, rows=rows)
+    config = attn.config
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = PROBE_ATTENTION
+    try:
+        attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=position_embeddings, attention_mask=None,
+             past_key_values=None if past_keys is None else _Peek(past_keys), probe=probe)
+    finally:
+        config._attn_implementation_internal = previous
+    return probe.keys, probe.probs
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' `apply_rotary_pos_emb` on one tensor (the empty second operand costs nothing)."""
-    return apply_rotary_pos_emb(x, x[:, :0], cos, sin)[0]
+def layer_keys(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """Keys of decoder `layer` for the hidden states entering it: [B, kv_heads, N, head_dim], after RoPE."""
+    return attention_probe(layer, hidden, position_embeddings)[0]
 
 
 __all__ = [
@@ -182,8 +220,8 @@ __all__ = [
     "TextSlots",
     "TokenPolicy",
     "check_optional_rate",
+    "attention_probe",
     "check_policy",
     "layer_keys",
     "refuse_uneven_images",
-    "query_attention",
 ]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import TokenPolicy, layer_keys, query_attention
+from .base import TokenPolicy, attention_probe
 
 
 @dataclass
@@ -17,10 +17,11 @@ class FastVPolicy(TokenPolicy):
     An image token's score is the attention it receives from the last prompt token in layer K - 1,
     averaged over heads; the engine keeps each image's top ``floor(image_keep_rate * tokens)`` and
     layers >= K run without the rest (K is the model's ``sparse_layer``; the paper prunes after
-    K = 2 with R = 50% dropped). Only that one attention row is computed, from the hidden states
-    entering layer K - 1 (its norm, the query of one position, the keys of all, RoPE, grouped KV
-    heads, causal and padding masks, softmax), so every layer keeps its configured attention
-    implementation (SDPA stays SDPA). Needs no predictor; generated tokens are all kept.
+    K = 2 with R = 50% dropped). Layer K - 1's own attention module runs once more on the hidden
+    states entering it, with a probe (`attention_probe`) that computes only that one row's
+    probabilities (causal and padding masks, softmax in fp32), so every layer keeps its configured
+    attention implementation (SDPA stays SDPA) and any family's norms and RoPE apply. Needs no
+    predictor; generated tokens are all kept.
 
     Parameters
     ----------
@@ -40,11 +41,9 @@ class FastVPolicy(TokenPolicy):
         """[B, N]: attention each token receives from the last prompt token in layer K - 1, mean over heads."""
         layer = model.layers[model.sparsity.sparse_layer - 1]
         hidden, (cos, sin), last = context.hidden_before, context.position_embeddings, context.prompt_end
-        keys = layer_keys(layer, hidden, (cos, sin))
         seen = torch.arange(hidden.shape[1], device=hidden.device) <= last
         allowed = (context.padding_mask & seen).unsqueeze(1)
-        row = slice(last, last + 1)
-        return query_attention(layer, hidden[:, row], (cos[:, row], sin[:, row]), keys, allowed)[:, 0]
+        return attention_probe(layer, hidden, (cos, sin), allowed=allowed, rows=slice(last, last + 1))[1][:, 0]
 
 
 __all__ = ["FastVPolicy"]
