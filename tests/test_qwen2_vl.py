@@ -214,3 +214,18 @@ def test_physical_path_equals_masked_reference(family, attn):
     torch.testing.assert_close(out.logits[real], ref_kept[real], atol=1e-5, rtol=0)
     image = batch["input_ids"] == IMAGE
     assert int((key_kept & image).sum()) == 1 + 2 + 4  # floor(0.3 * 4), floor(0.3 * 8), floor(0.3 * 16)
+
+
+@pytest.mark.parametrize("policy_name", ["fastv", "h2o", "random"])
+def test_training_free_policies_run_on_qwen_and_batches_equal_samples(policy_name):
+    from dynamic_llava import FastVPolicy, H2OPolicy, RandomPolicy
+
+    policy = {"fastv": FastVPolicy(image_keep_rate=0.5), "h2o": H2OPolicy(heavy=2, recent=2),
+              "random": RandomPolicy(image_keep_rate=0.5, text_keep_rate=0.5, seed=3)}[policy_name]
+    ours, _ = tiny_pair("qwen2_vl", image_keep_rate=1.0 if policy_name == "h2o" else 0.5, text_keep_rate=1.0)
+    batch = make_batch(PROMPTS)
+    with torch.no_grad():
+        together = ours.generate(**batch, max_new_tokens=8, do_sample=False, sparsity_policy=policy)
+        for i in range(len(PROMPTS)):
+            alone = ours.generate(**one(batch, i, PROMPTS), max_new_tokens=8, do_sample=False, sparsity_policy=policy)
+            assert torch.equal(together[i, -8:], alone[0, -8:]), i
