@@ -7,11 +7,13 @@ to every other token (it still sees itself). Same decisions, no gathering, no ca
 import torch
 
 
-def masked_reference_logits(stock, input_ids, attention_mask, pixel_values, key_kept, sparse_layer):
-    """stock: LlavaForConditionalGeneration; key_kept: [B, N] bool tokens visible in layers >= K."""
+def masked_reference_logits(stock, input_ids, attention_mask, pixel_values, key_kept, sparse_layer, features=None):
+    """stock: LlavaForConditionalGeneration (or LLaVA-NeXT, with its image `features` given); key_kept: [B, N]
+    bool tokens visible in layers >= K."""
     lm = stock.model.language_model
     embeds = lm.embed_tokens(input_ids)
-    features = stock.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    if features is None:
+        features = stock.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
     features = torch.cat(list(features), dim=0)
     image_slots = (input_ids == stock.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))

@@ -79,3 +79,31 @@ def test_training_path_in_eval_mode_gives_the_inference_decisions(tmp_path):
     assert type(loaded).__name__ == "DynamicLlavaNextForConditionalGeneration"
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, stock(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_physical_path_equals_masked_reference_and_the_cache_holds_kept_tokens(attn):
+    from reference import masked_reference_logits
+
+    from dynamic_llava import DynamicLlavaCache
+
+    ours, stock = tiny_next_pair(attn=attn, image_keep_rate=0.3, text_keep_rate=1.0)
+    batch = inputs_for(TEXTS, IMAGES)
+    cache = DynamicLlavaCache.from_config(ours.config)
+    with torch.no_grad():
+        out = ours(**batch, past_key_values=cache, use_cache=True)
+        key_kept = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        key_kept.scatter_(1, out.kept_index, out.kept_valid)
+        features = stock.model.get_image_features(batch["pixel_values"], batch["image_sizes"], vision_feature_layer=-1,
+                                                  vision_feature_select_strategy="default").pooler_output
+        ref = masked_reference_logits(stock, batch["input_ids"], batch["attention_mask"], None, key_kept,
+                                      ours.config.sparse_layer, features=features)
+    real = out.kept_valid & batch["attention_mask"].bool().gather(1, out.kept_index)
+    ref_kept = ref.gather(1, out.kept_index.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    torch.testing.assert_close(out.logits[real], ref_kept[real], atol=1e-5, rtol=0)
+    image = batch["input_ids"] == IMAGE_TOKEN
+    valid = batch["attention_mask"].bool()
+    dropped = (image & ~key_kept).sum(dim=1)
+    lengths = cache.layer_lengths()
+    assert lengths[0].tolist() == [valid.shape[1]] * 3  # layers < K: the padded batch, as stock
+    assert torch.equal(lengths[-1], valid.sum(dim=1) - dropped)  # layers >= K: each sample's kept tokens only
