@@ -102,3 +102,4 @@ def one(batch: dict, i: int, prompts) -> dict:
             out["pixel_values"] = batch["pixel_values"][start : start + count]
             out["image_grid_thw"] = grids[mine]
     return out
+

@@ -49,6 +49,9 @@ LLAVA_V1_CHAT_TEMPLATE = (
 )
 
 
+IMAGE_EXTRAS = ("image_sizes", "image_grid_thw")  # per-image tensors some processors return with pixel_values
+
+
 class LlavaConversationDataset(Dataset):
     """LLaVA conversation records + an image folder -> dicts of tensors for `LlavaCollator`.
 
@@ -195,15 +198,27 @@ class LlavaConversationDataset(Dataset):
     def _estimate_length(self, record: dict, n_images: int) -> int:
         """Token count of the encoded record without loading its images.
 
-        Exact for LLaVA-1.5 processors, whose images all become the same number of tokens (the crop size's).
+        Exact for LLaVA-1.5 processors, whose images all become the same number of tokens (the crop size's); for
+        processors whose token count depends on the image (LLaVA-NeXT, Qwen-VL) the sizes are read from the
+        image files' headers.
         """
         text = self._render(self._messages(record))
         n_text = len(self.processor.tokenizer(text, add_special_tokens=self._add_special_tokens(text))["input_ids"])
         if not n_images:
             return n_text
-        crop = self.processor.image_processor.crop_size
-        per_image = self.processor._get_num_multimodal_tokens(image_sizes=[(crop["height"], crop["width"])])
-        return n_text + n_images * (per_image.num_image_tokens[0] - 1)
+        crop = getattr(self.processor.image_processor, "crop_size", None)
+        if type(self.processor).__name__ == "LlavaProcessor" and crop:
+            per_image = self.processor._get_num_multimodal_tokens(image_sizes=[(crop["height"], crop["width"])])
+            return n_text + n_images * (per_image.num_image_tokens[0] - 1)
+        sizes = []
+        for path in self._image_paths(record):
+            try:
+                with Image.open(path) as image:
+                    sizes.append((image.height, image.width))
+            except Exception:  # unreadable: found (and reported) when the record is encoded
+                return n_text
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+        return n_text + sum(c - 1 for c in counts)
 
     @staticmethod
     def _messages(record: dict) -> list[dict]:
@@ -312,6 +327,11 @@ class LlavaConversationDataset(Dataset):
         }
         if images:
             item["pixel_values"] = encoded["pixel_values"]
+            for key in IMAGE_EXTRAS:  # LLaVA-NeXT's image sizes, Qwen-VL's patch grids
+                if key in encoded:
+                    item[key] = encoded[key]
+        if "mm_token_type_ids" in encoded:  # Qwen-VL: which tokens are image tokens (for its 3-D positions)
+            item["mm_token_type_ids"] = encoded["mm_token_type_ids"][0]
         return item
 
 
@@ -344,7 +364,16 @@ class LlavaCollator:
             "labels": pad("labels", IGNORE_INDEX),
             "answer_mask": pad("answer_mask", False),
         }
+        if all("mm_token_type_ids" in s for s in samples):
+            batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
         pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if pixels:
+            if pixels[0].ndim == 5:  # LLaVA-NeXT: [images, tiles, C, H, W], padded to the most tiles
+                tiles = max(p.shape[1] for p in pixels)
+                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
             batch["pixel_values"] = torch.cat(pixels)
+            for key in IMAGE_EXTRAS:
+                values = [s[key] for s in samples if s.get(key) is not None]
+                if values:
+                    batch[key] = torch.cat(values)
         return batch

@@ -24,8 +24,9 @@ from transformers import AutoProcessor, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..checkpoints import check_checkpoint_folder
-from ..config import SPARSITY_FIELDS, DynamicLlavaConfig
+from ..config import SPARSITY_FIELDS
 from ..data import LLAVA_V1_CHAT_TEMPLATE, LlavaCollator, LlavaConversationDataset
+from ..auto import model_class_for
 from ..modeling import DynamicLlavaForConditionalGeneration
 from ..validation import check_bool, check_integer, check_number, invalid
 from .trainer import (
@@ -135,7 +136,7 @@ class TrainingRecipe:
             raise ValueError("trainable='lora' needs the peft package: pip install peft.")
         self._check_deepspeed()
         self._check_output_dir()
-        config = DynamicLlavaConfig.from_pretrained(self.model, **self.sparsity)  # checks the overrides
+        config = model_class_for(self.model).config_class.from_pretrained(self.model, **self.sparsity)  # the overrides
         context = config.text_config.max_position_embeddings
         if self.max_length is not None and self.max_length > context:
             raise invalid("max_length", self.max_length, f"an integer in [1, {context}]",
@@ -223,26 +224,42 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
 
 
+def projector_parts(model) -> dict[str, torch.nn.Module | torch.nn.Parameter]:
+    """The modules between the vision tower and the language model, by name: LLaVA's projector (and LLaVA-NeXT's
+    row-end embedding), Qwen-VL's patch merger."""
+    base = model.model
+    if hasattr(base, "multi_modal_projector"):
+        parts = {"multi_modal_projector": base.multi_modal_projector}
+        if getattr(base, "image_newline", None) is not None:
+            parts["image_newline"] = base.image_newline
+        return parts
+    return {"merger": base.visual.merger}
+
+
 def load_model(recipe: TrainingRecipe) -> DynamicLlavaForConditionalGeneration:
-    """The model to train, with only the chosen parts trainable (LoRA-wrapped for trainable='lora')."""
+    """The model to train (of the family its checkpoint names), with only the chosen parts trainable (LoRA-wrapped
+    for trainable='lora')."""
     overrides = dict(recipe.sparsity)
     if recipe.image_only:
         overrides["use_text_predictor"] = False
     dtype = torch.bfloat16 if recipe.bf16 else torch.float32
-    model = DynamicLlavaForConditionalGeneration.from_pretrained(recipe.model, dtype=dtype, **overrides)
+    model = model_class_for(recipe.model).from_pretrained(recipe.model, dtype=dtype, **overrides)
     model.requires_grad_(False)
     for name, param in model.named_parameters():
         if is_predictor_parameter(name):
             param.requires_grad_(True)
     train_projector = recipe.trainable != "predictors" and not recipe.freeze_projector
-    model.model.multi_modal_projector.requires_grad_(train_projector)
+    projector = projector_parts(model)
+    for part in projector.values():
+        part.requires_grad_(train_projector)
     if recipe.trainable == "full":
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     elif recipe.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        to_save = ["image_predictor", "text_predictor"] + (["multi_modal_projector"] if train_projector else [])
+        to_save = ["image_predictor", "text_predictor"] + ([name for name in projector if name != "image_newline"]
+                                                          if train_projector else [])
         config = LoraConfig(
             r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
             target_modules=LORA_TARGETS, modules_to_save=to_save,

@@ -61,7 +61,7 @@ def is_predictor_parameter(name: str) -> bool:
 
 
 class DynamicLlavaTrainer(Trainer):
-    """Trains a `DynamicLlavaForConditionalGeneration` (or a PEFT wrapper of one).
+    """Trains a Dynamic model of any family (`DynamicLlavaForConditionalGeneration`, ...; or a PEFT wrapper of one).
 
     * loss = LM cross-entropy (normalised over the tokens of the whole accumulated batch) +
       budget_weight * (R_I + R_OT), the budget term averaged over the accumulation steps, so the
@@ -167,13 +167,13 @@ class DynamicLlavaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Load model weights through `from_pretrained`, which knows the llava-hf weight names
         (the Trainer's raw `load_state_dict` does not); PEFT adapters and sharded set-ups go the usual way."""
-        from ..modeling import DynamicLlavaForConditionalGeneration
+        from ..modeling import SparseGeneration
 
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        if not isinstance(target, DynamicLlavaForConditionalGeneration) or sharded:
+        if not isinstance(target, SparseGeneration) or sharded:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = DynamicLlavaForConditionalGeneration.from_pretrained(
+        saved = type(target).from_pretrained(
             resume_from_checkpoint, config=target.config, dtype=target.dtype
         )
         target.load_state_dict(saved.state_dict())
