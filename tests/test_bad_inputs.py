@@ -432,7 +432,7 @@ API_CASES = [
         "model of another type",
         lambda env: recipe_for(env.root, model=str(env.root / "bert")).check(),
         ValueError,
-        r"'bert' model, not LLaVA",
+        r"holds a 'bert' model; Dynamic-LLaVA loads",
     ),
     # ---- training data
     (

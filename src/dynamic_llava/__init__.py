@@ -3,7 +3,12 @@
 from .auto import from_pretrained, model_class_for
 from .cache import DynamicLlavaCache, SparseLayer
 from .config import DynamicLlavaConfig
-from .llava_next import DynamicLlavaNextConfig, DynamicLlavaNextForConditionalGeneration
+from .llava_next import (
+    DynamicLlavaNextConfig,
+    DynamicLlavaNextForConditionalGeneration,
+    DynamicLlavaOnevisionConfig,
+    DynamicLlavaOnevisionForConditionalGeneration,
+)
 from .modeling import (
     DynamicLlamaModel,
     DynamicLlavaForConditionalGeneration,
@@ -41,6 +46,8 @@ __all__ = [
     "DynamicLlamaModel",
     "DynamicLlavaNextConfig",
     "DynamicLlavaNextForConditionalGeneration",
+    "DynamicLlavaOnevisionConfig",
+    "DynamicLlavaOnevisionForConditionalGeneration",
     "DynamicQwen2VLConfig",
     "DynamicQwen2VLForConditionalGeneration",
     "DynamicQwen2_5_VLConfig",

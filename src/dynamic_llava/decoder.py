@@ -35,6 +35,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
 from transformers.models.mistral.modeling_mistral import MistralModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -486,7 +487,18 @@ class DynamicMistralModel(SequencePositions, SparseDecoder, MistralModel):
         self._init_sparsity(config, sparsity)
 
 
-TEXT_MODELS = {"llama": DynamicLlamaModel, "mistral": DynamicMistralModel}
+class DynamicQwen2Model(SequencePositions, SparseDecoder, Qwen2Model):
+    """A `Qwen2Model` (LLaVA-OneVision's decoder; same weights, same names) whose layers >= K see only the tokens
+    a policy keeps."""
+
+    def __init__(self, config, sparsity):
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            raise ValueError("Sliding-window layers (use_sliding_window=true) are not supported by Dynamic-LLaVA.")
+        Qwen2Model.__init__(self, config)
+        self._init_sparsity(config, sparsity)
+
+
+TEXT_MODELS = {"llama": DynamicLlamaModel, "mistral": DynamicMistralModel, "qwen2": DynamicQwen2Model}
 
 
 def sparse_text_model(text_config, sparsity):
@@ -499,5 +511,5 @@ def sparse_text_model(text_config, sparsity):
     return TEXT_MODELS[model_type](text_config, sparsity)
 
 
-__all__ = ["DynamicLlamaModel", "DynamicMistralModel", "ImageLayout", "SequencePositions", "SparseDecoder",
+__all__ = ["DynamicLlamaModel", "DynamicMistralModel", "DynamicQwen2Model", "ImageLayout", "SequencePositions", "SparseDecoder",
            "TEXT_MODELS", "sparse_text_model"]

@@ -1,10 +1,11 @@
-"""Dynamic-LLaVA on stock transformers LLaVA-NeXT (LLaVA-1.6): anyres images through the same sparse loop.
+"""Dynamic-LLaVA on stock transformers LLaVA-NeXT (LLaVA-1.6) and LLaVA-OneVision: anyres images through the
+same sparse loop.
 
 LLaVA-NeXT cuts each image into tiles at the resolution that fits it best (``image_grid_pinpoints``) plus a
 down-scaled view, and packs their features with an ``image_newline`` after each row, so images differ in
 their number of tokens: each keeps ``floor(rate * its own tokens)`` (`decoder.ImageLayout`), the newline
 tokens counting as image tokens. The images are encoded first (``get_image_features``), which tells how
-many tokens each one has. The decoder is Llama (Vicuna, Yi) or Mistral.
+many tokens each one has. LLaVA-NeXT's decoder is Llama (Vicuna, Yi) or Mistral, OneVision's Qwen2.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from typing import ClassVar
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoModel, LlavaNextConfig
+from transformers import AutoModel, LlavaNextConfig, LlavaOnevisionConfig
 from transformers.cache_utils import DynamicCache
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
     LlavaNextMultiModalProjector,
     LlavaNextPreTrainedModel,
+)
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+    LlavaOnevisionMultiModalProjector,
+    LlavaOnevisionPreTrainedModel,
 )
 
 from .config import SparsitySettings, refuse_misspelt_settings
@@ -38,6 +45,15 @@ class DynamicLlavaNextConfig(SparsitySettings, LlavaNextConfig):
     model_type = "dynamic_llava_next"
     base_model_types: ClassVar[tuple[str, ...]] = (LlavaNextConfig.model_type,)
     family: ClassVar[str] = "LLaVA-NeXT"
+
+
+@strict
+class DynamicLlavaOnevisionConfig(SparsitySettings, LlavaOnevisionConfig):
+    """LLaVA-OneVision configuration with the Dynamic-LLaVA sparsity settings (`SparsitySettings`)."""
+
+    model_type = "dynamic_llava_onevision"
+    base_model_types: ClassVar[tuple[str, ...]] = (LlavaOnevisionConfig.model_type,)
+    family: ClassVar[str] = "LLaVA-OneVision"
 
 
 class DynamicLlavaNextModel(PromptImageMask, LlavaNextModel):
@@ -57,26 +73,58 @@ class DynamicLlavaNextModel(PromptImageMask, LlavaNextModel):
         self.post_init()
 
 
-class DynamicLlavaNextForConditionalGeneration(SparseGeneration, LlavaNextForConditionalGeneration):
-    """LLaVA-NeXT with Dynamic-LLaVA sparsification; loads llava-hf LLaVA-NeXT checkpoints (fresh predictors)
-    or its own, and is used like `LlavaNextForConditionalGeneration`."""
+class DynamicLlavaOnevisionModel(LlavaOnevisionModel):
+    """`LlavaOnevisionModel` whose language model is a sparse one; image features go to the prompt's image
+    tokens only."""
 
-    config_class = DynamicLlavaNextConfig
-    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
+    config_class = DynamicLlavaOnevisionConfig
 
     def __init__(self, config):
-        if not isinstance(config, DynamicLlavaNextConfig):
-            raise TypeError(f"config must be a DynamicLlavaNextConfig, got {type(config).__name__}.")
+        LlavaOnevisionPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = sparse_text_model(config.text_config, config)
+        self._image_token_mask = None
+        self.post_init()
+
+    def forward(self, *args, **kwargs):
+        self._image_token_mask = kwargs.get("image_token_mask")
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._image_token_mask = None
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+        mask = self._image_token_mask
+        if mask is not None and mask.shape == inputs_embeds.shape[:2]:
+            image_mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return image_mask, video_mask
+
+
+class _AnyresSparse(SparseGeneration):
+    """The user-facing anyres classes: the stock ones, sparsified (see the module docstring)."""
+
+    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
+    _base_model_class: ClassVar[type]
+    _pretrained_class: ClassVar[type]
+
+    def __init__(self, config):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}.")
         config.check_sparsity()
-        LlavaNextPreTrainedModel.__init__(self, config)
-        self.model = DynamicLlavaNextModel(config)
+        self._pretrained_class.__init__(self, config)
+        self.model = self._base_model_class(config)
         self.config.__dict__["_structure_fixed"] = True
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a llava-hf LLaVA-NeXT checkpoint (fresh predictors) or a Dynamic one; sparsity settings may be
+        """Load a stock checkpoint of the family (fresh predictors) or a Dynamic one; sparsity settings may be
         overridden as keyword arguments."""
         refuse_misspelt_settings(kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -94,9 +142,12 @@ class DynamicLlavaNextForConditionalGeneration(SparseGeneration, LlavaNextForCon
                 vision_feature_select_strategy=None, logits_to_keep=0, output_text_start: int | None = None,
                 sparsity_policy: TokenPolicy | None = None, sparsity_stats: SparsityStats | None = None,
                 mm_encoder_outputs=None, use_cache=None, answer_mask=None, gumbel_tau: float = 1.0,
-                keep_override=None, mask_gradient_scale: float = 1.0, num_items_in_batch=None, **kwargs):
+                keep_override=None, mask_gradient_scale: float = 1.0, num_items_in_batch=None,
+                pixel_values_videos=None, **kwargs):
         """The stock forward, sparsified; returns a `DynamicLlavaOutput` (logits of the tokens that reached the
         last layer: `kept_index` maps them to input positions). With `labels`: the training path."""
+        if pixel_values_videos is not None:
+            raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
         check_policy(sparsity_policy)
         if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
             raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
@@ -107,13 +158,13 @@ class DynamicLlavaNextForConditionalGeneration(SparseGeneration, LlavaNextForCon
             self.config.check_sparsity()
         if pixel_values is not None:  # encode now: the packed features tell each image's token count
             if image_sizes is None:
-                raise ValueError("LLaVA-NeXT images need their image_sizes (the processor returns them).")
+                raise ValueError(f"{self.config.family} images need their image_sizes (the processor returns them).")
             mm_encoder_outputs = {"image": self.model.get_image_features(
                 pixel_values, image_sizes,
                 vision_feature_layer=vision_feature_layer if vision_feature_layer is not None
                 else self.config.vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy or self.config.vision_feature_select_strategy,
-                return_dict=True,
+                return_dict=True, **self._vision_kwargs(kwargs),
             )}
         image_token_mask, counts = self._image_tokens(input_ids, mm_encoder_outputs, past, output_text_start)
         record = ForwardRecord()
@@ -156,6 +207,33 @@ class DynamicLlavaNextForConditionalGeneration(SparseGeneration, LlavaNextForCon
         return mask, counts
 
 
+    def _vision_kwargs(self, kwargs) -> dict:
+        """Family-specific arguments of `get_image_features` (taken out of the forward's kwargs)."""
+        return {}
+
+
+class DynamicLlavaNextForConditionalGeneration(_AnyresSparse, LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT with Dynamic-LLaVA sparsification; loads llava-hf LLaVA-NeXT checkpoints (fresh predictors)
+    or its own, and is used like `LlavaNextForConditionalGeneration`."""
+
+    config_class = DynamicLlavaNextConfig
+    _base_model_class = DynamicLlavaNextModel
+    _pretrained_class = LlavaNextPreTrainedModel
+
+
+class DynamicLlavaOnevisionForConditionalGeneration(_AnyresSparse, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision (images; Qwen2 decoder) with Dynamic-LLaVA sparsification; loads llava-hf OneVision
+    checkpoints (fresh predictors) or its own."""
+
+    config_class = DynamicLlavaOnevisionConfig
+    _base_model_class = DynamicLlavaOnevisionModel
+    _pretrained_class = LlavaOnevisionPreTrainedModel
+
+    def _vision_kwargs(self, kwargs) -> dict:
+        return {"vision_aspect_ratio": kwargs.pop("vision_aspect_ratio", None) or self.config.vision_aspect_ratio,
+                "batch_num_images": kwargs.pop("batch_num_images", None)}
+
+
 def _register_with_transformers() -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.conversion_mapping import (
@@ -163,15 +241,22 @@ def _register_with_transformers() -> None:
         register_checkpoint_conversion_mapping,
     )
 
-    AutoConfig.register(DynamicLlavaNextConfig.model_type, DynamicLlavaNextConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(DynamicLlavaNextConfig, DynamicLlavaNextForConditionalGeneration,
-                                         exist_ok=True)
-    register_checkpoint_conversion_mapping(DynamicLlavaNextConfig.model_type,
-                                           get_checkpoint_conversion_mapping(LlavaNextConfig.model_type), overwrite=True)
-    register_checkpoint_conversion_mapping(DynamicLlavaNextModel.__name__,
-                                           get_checkpoint_conversion_mapping(LlavaNextModel.__name__), overwrite=True)
+    for config, model, base, stock_config, stock_base in (
+        (DynamicLlavaNextConfig, DynamicLlavaNextForConditionalGeneration, DynamicLlavaNextModel, LlavaNextConfig,
+         LlavaNextModel),
+        (DynamicLlavaOnevisionConfig, DynamicLlavaOnevisionForConditionalGeneration, DynamicLlavaOnevisionModel,
+         LlavaOnevisionConfig, LlavaOnevisionModel),
+    ):
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+        AutoModelForImageTextToText.register(config, model, exist_ok=True)
+        # the stock checkpoints' (legacy) tensor names, renamed as for the stock model
+        register_checkpoint_conversion_mapping(config.model_type,
+                                               get_checkpoint_conversion_mapping(stock_config.model_type), overwrite=True)
+        register_checkpoint_conversion_mapping(base.__name__, get_checkpoint_conversion_mapping(stock_base.__name__),
+                                               overwrite=True)
 
 
 _register_with_transformers()
 
-__all__ = ["DynamicLlavaNextConfig", "DynamicLlavaNextForConditionalGeneration", "DynamicLlavaNextModel"]
+__all__ = ["DynamicLlavaNextConfig", "DynamicLlavaNextForConditionalGeneration", "DynamicLlavaNextModel",
+           "DynamicLlavaOnevisionConfig", "DynamicLlavaOnevisionForConditionalGeneration", "DynamicLlavaOnevisionModel"]
