@@ -45,9 +45,11 @@ def qwen_masked_reference_logits(stock, batch: dict, key_kept, sparse_layer):
     model, lm = stock.model, stock.model.language_model
     ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     embeds = lm.embed_tokens(ids)
-    features = torch.cat(list(model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
-                                                       return_dict=True).pooler_output))
-    embeds = embeds.masked_scatter((ids == stock.config.image_token_id).unsqueeze(-1), features.to(embeds.dtype))
+    encoded = model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+    features = torch.cat(list(encoded.pooler_output))
+    image = ids == stock.config.image_token_id
+    embeds = embeds.masked_scatter(image.unsqueeze(-1), features.to(embeds.dtype))
+    deepstack = [torch.cat(list(f)) for f in (getattr(encoded, "deepstack_features", None) or [])]  # Qwen3-VL
     positions, _ = model.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"],
                                         image_grid_thw=batch["image_grid_thw"], attention_mask=attention_mask)
     cos_sin = lm.rotary_emb(embeds, positions)
@@ -61,4 +63,7 @@ def qwen_masked_reference_logits(stock, batch: dict, key_kept, sparse_layer):
     hidden = embeds
     for i, layer in enumerate(lm.layers):
         hidden = layer(hidden, attention_mask=masks[i >= sparse_layer], position_embeddings=cos_sin)
+        if i < len(deepstack):  # every image token gets its DeepStack feature, kept or not
+            hidden = hidden.clone()
+            hidden[image] = hidden[image] + deepstack[i].to(hidden.dtype)
     return stock.lm_head(lm.norm(hidden))

@@ -229,3 +229,24 @@ def test_training_free_policies_run_on_qwen_and_batches_equal_samples(policy_nam
         for i in range(len(PROMPTS)):
             alone = ours.generate(**one(batch, i, PROMPTS), max_new_tokens=8, do_sample=False, sparsity_policy=policy)
             assert torch.equal(together[i, -8:], alone[0, -8:]), i
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen3_deepstack_features_reach_the_kept_tokens_when_k_cuts_through_them(attn):
+    """K = 1: DeepStack adds features after layers 0 and 1, so layer 1's go to the kept image tokens only."""
+    from reference import qwen_masked_reference_logits
+
+    ours, stock = tiny_pair("qwen3_vl", attn=attn, sparse_layer=1, image_keep_rate=0.3)
+    batch = make_batch(PROMPTS)
+    with torch.no_grad():
+        out = ours(**batch)
+        key_kept = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        key_kept.scatter_(1, out.kept_index, out.kept_valid)
+        ref = qwen_masked_reference_logits(stock, batch, key_kept, 1)
+        together = ours.generate(**batch, max_new_tokens=6, do_sample=False)
+        for i in range(len(PROMPTS)):
+            alone = ours.generate(**one(batch, i, PROMPTS), max_new_tokens=6, do_sample=False)
+            assert torch.equal(together[i, -6:], alone[0, -6:]), i
+    real = out.kept_valid & batch["attention_mask"].bool().gather(1, out.kept_index)
+    ref_kept = ref.gather(1, out.kept_index.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    torch.testing.assert_close(out.logits[real], ref_kept[real], atol=1e-5, rtol=0)

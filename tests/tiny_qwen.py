@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
 from dynamic_llava import (
     DynamicQwen2_5_VLConfig,
     DynamicQwen2_5_VLForConditionalGeneration,
     DynamicQwen2VLConfig,
     DynamicQwen2VLForConditionalGeneration,
+    DynamicQwen3VLConfig,
+    DynamicQwen3VLForConditionalGeneration,
 )
 
 PAD, IMAGE, VIDEO, START, END = 0, 3, 4, 5, 6
@@ -19,6 +28,8 @@ FAMILIES = {
                  DynamicQwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, DynamicQwen2_5_VLConfig,
                    DynamicQwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, DynamicQwen3VLConfig,
+                 DynamicQwen3VLForConditionalGeneration),
 }
 
 
@@ -29,9 +40,16 @@ def config_kwargs(family: str) -> dict:
         vision = dict(depth=2, hidden_size=32, out_hidden_size=48, intermediate_size=64, num_heads=2,
                       patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3,
                       window_size=16, fullatt_block_indexes=[1])
+    if family == "qwen3_vl":  # DeepStack features after text layers 0 and 1 (K = 2 cuts after them)
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=48, intermediate_size=64, num_heads=2,
+                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
     text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=64, max_position_embeddings=512, pad_token_id=PAD,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
+                rope_parameters=rope, **({"head_dim": 12} if family == "qwen3_vl" else {}))
     return dict(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
                 vision_start_token_id=START, vision_end_token_id=END)
 

@@ -33,6 +33,8 @@ from .qwen2_vl import (
     DynamicQwen2_5_VLForConditionalGeneration,
     DynamicQwen2VLConfig,
     DynamicQwen2VLForConditionalGeneration,
+    DynamicQwen3VLConfig,
+    DynamicQwen3VLForConditionalGeneration,
 )
 from .stats import ForwardRecord, SparsityStats
 
@@ -52,6 +54,8 @@ __all__ = [
     "DynamicQwen2VLForConditionalGeneration",
     "DynamicQwen2_5_VLConfig",
     "DynamicQwen2_5_VLForConditionalGeneration",
+    "DynamicQwen3VLConfig",
+    "DynamicQwen3VLForConditionalGeneration",
     "DynamicLlavaOutput",
     "CDPrunerPolicy",
     "DARTPolicy",

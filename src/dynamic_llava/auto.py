@@ -11,11 +11,15 @@ from .checkpoints import check_checkpoint_folder
 def _families() -> dict:
     from .llava_next import DynamicLlavaNextForConditionalGeneration, DynamicLlavaOnevisionForConditionalGeneration
     from .modeling import DynamicLlavaForConditionalGeneration
-    from .qwen2_vl import DynamicQwen2_5_VLForConditionalGeneration, DynamicQwen2VLForConditionalGeneration
+    from .qwen2_vl import (
+        DynamicQwen2_5_VLForConditionalGeneration,
+        DynamicQwen2VLForConditionalGeneration,
+        DynamicQwen3VLForConditionalGeneration,
+    )
 
     classes = (DynamicLlavaForConditionalGeneration, DynamicLlavaNextForConditionalGeneration,
                DynamicLlavaOnevisionForConditionalGeneration, DynamicQwen2VLForConditionalGeneration,
-               DynamicQwen2_5_VLForConditionalGeneration)
+               DynamicQwen2_5_VLForConditionalGeneration, DynamicQwen3VLForConditionalGeneration)
     return {t: cls for cls in classes for t in (cls.config_class.model_type, *cls.config_class.base_model_types)}
 
 
@@ -39,9 +43,9 @@ def model_class_for(path):
 
 
 def from_pretrained(path, **kwargs):
-    """Load any supported checkpoint (LLaVA-1.5 / llava-hf, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, or
-    their Dynamic versions) with the class its model type names; sparsity settings (``image_keep_rate=0.2``, ...) and the
-    usual `from_pretrained` options pass through."""
+    """Load any supported checkpoint (LLaVA-1.5 / llava-hf, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+    Qwen3-VL, or their Dynamic versions) with the class its model type names; sparsity settings
+    (``image_keep_rate=0.2``, ...) and the usual `from_pretrained` options pass through."""
     return model_class_for(path).from_pretrained(path, **kwargs)
 
 

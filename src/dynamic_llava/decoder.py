@@ -106,6 +106,39 @@ class ImageLayout:
         return (ranks < k.unsqueeze(1)) & self.valid
 
 
+@dataclass
+class DeepStack:
+    """Qwen3-VL's DeepStack: visual features added to the image tokens' hidden states after each of the first
+    layers. In layers >= K only the kept image tokens get theirs (their rows, gathered by kept index)."""
+
+    positions: torch.Tensor  # [B, N] bool, the tokens that receive features (this input's image tokens)
+    rows: torch.Tensor  # [B, N] long, each such token's row in the feature tensors
+    features: list[torch.Tensor]  # per layer, [visual tokens, H]
+
+    @classmethod
+    def take(cls, kwargs: dict) -> "DeepStack | None":
+        """Pop Qwen3-VL's ``visual_pos_masks`` / ``deepstack_visual_embeds`` from a forward's kwargs (None if absent)."""
+        positions, features = kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None)
+        if positions is None or not features:
+            return None
+        rows = (positions.reshape(-1).long().cumsum(0) - 1).clamp(min=0).view_as(positions)
+        return cls(positions.bool(), rows, list(features))
+
+    def add(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        if layer >= len(self.features):
+            return hidden
+        rows = self.rows[self.positions]
+        hidden = hidden.clone()
+        hidden[self.positions] = hidden[self.positions] + self.features[layer][rows].to(hidden.dtype)
+        return hidden
+
+    def gathered(self, index: torch.Tensor | None, slot_valid: torch.Tensor | None) -> "DeepStack":
+        """The same for the kept tokens' slots (filler slots get nothing)."""
+        if index is None:
+            return self
+        return DeepStack(self.positions.gather(1, index) & slot_valid, self.rows.gather(1, index), self.features)
+
+
 class SparseDecoder:
     """The sparse loop, mixed into a family's text model (`LlamaModel`, `Qwen2VLTextModel`): same weights, same
     names, plus the two predictors. The family supplies `_positions` and `_mask_positions`."""
@@ -158,10 +191,11 @@ class SparseDecoder:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         record = sparsity_record if sparsity_record is not None else ForwardRecord()
+        deepstack = DeepStack.take(kwargs)  # Qwen3-VL's visual features added after the first layers
         if masked_training:
             hidden = self._masked_forward(
                 inputs_embeds, attention_mask, position_ids, image_token_mask, tokens_per_image, answer_mask,
-                gumbel_tau, keep_override, record, mask_gradient_scale, **kwargs,
+                gumbel_tau, keep_override, record, mask_gradient_scale, deepstack=deepstack, **kwargs,
             )
             return BaseModelOutputWithPast(last_hidden_state=hidden)
         policy = sparsity_policy or _DEFAULT_POLICY
@@ -198,6 +232,8 @@ class SparseDecoder:
                 hidden, attention_mask=full_mask, position_embeddings=(cos, sin),
                 position_ids=self._mask_positions(position_ids), **layer_kwargs
             )
+            if deepstack is not None:
+                hidden = deepstack.add(i, hidden)
 
         # ---- layer K: decide who stays ----
         valid = (
@@ -240,6 +276,8 @@ class SparseDecoder:
             store_s = store.gather(1, index) & slot_valid
             columns_s, text_columns_s = columns.gather(1, index), text_columns.gather(1, index)
         record.kept_index, record.kept_valid = index, slot_valid
+        if deepstack is not None:
+            deepstack = deepstack.gathered(index, slot_valid)
 
         visible = None  # [B, Q, keys] key visibility beyond causality and padding (eviction policies)
         if policy.evicts_text and text_start is not None:
@@ -263,16 +301,18 @@ class SparseDecoder:
             and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - seq_s),
             allow_is_causal_skip=seq_s > 1,  # decoding: the slot mask always matters, and checking it would sync
         )
-        for layer in self.layers[k_layer:]:
+        for i, layer in enumerate(self.layers[k_layer:], start=k_layer):
             hidden_s = layer(
                 hidden_s, attention_mask=sparse_mask, position_embeddings=(cos_s, sin_s),
                 position_ids=self._mask_positions(pos_s), **layer_kwargs
             )
+            if deepstack is not None:
+                hidden_s = deepstack.add(i, hidden_s)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_s), past_key_values=cache)
 
     def _masked_forward(
         self, inputs_embeds, attention_mask, position_ids, image_token_mask, tokens_per_image, answer_mask,
-        gumbel_tau, keep_override, record, mask_gradient_scale=1.0, **kwargs,
+        gumbel_tau, keep_override, record, mask_gradient_scale=1.0, deepstack=None, **kwargs,
     ) -> torch.Tensor:
         """Training path: the full sequence in every layer; in layers >= K dropped tokens are masked as keys.
 
@@ -294,9 +334,11 @@ class SparseDecoder:
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, rope_positions)
         k_layer = self.sparsity.sparse_layer
-        for layer in self.layers[:k_layer]:
+        for i, layer in enumerate(self.layers[:k_layer]):
             hidden = layer(hidden, attention_mask=full_mask, position_embeddings=position_embeddings,
                            position_ids=self._mask_positions(position_ids), **kwargs)
+            if deepstack is not None:
+                hidden = deepstack.add(i, hidden)
 
         key_keep = self._training_keep_mask(hidden, image_token_mask, tokens_per_image, answer_mask, gumbel_tau, record)
         if keep_override is not None:
@@ -306,13 +348,15 @@ class SparseDecoder:
             scale = mask_gradient_scale * self.sparsity.budget_weight  # the budget's size at a gap of 1/2
             key_keep = balance_mask_gradient(key_keep, groups, scale)
         allowed = allowed_keys(attention_mask, batch, seq, hidden.device)
-        for layer in self.layers[k_layer:]:
+        for i, layer in enumerate(self.layers[k_layer:], start=k_layer):
             if layer.gradient_checkpointing and self.training:  # recompute as the model was configured to
                 hidden = layer._gradient_checkpointing_func(
                     partial(masked_layer_forward, layer), hidden, position_embeddings, allowed, key_keep
                 )
             else:
                 hidden = masked_layer_forward(layer, hidden, position_embeddings, allowed, key_keep)
+            if deepstack is not None:
+                hidden = deepstack.add(i, hidden)
         return self.norm(hidden)
 
     def _training_keep_mask(self, hidden, image_token_mask, tokens_per_image, answer_mask, tau, record):
@@ -511,5 +555,5 @@ def sparse_text_model(text_config, sparsity):
     return TEXT_MODELS[model_type](text_config, sparsity)
 
 
-__all__ = ["DynamicLlamaModel", "DynamicMistralModel", "DynamicQwen2Model", "ImageLayout", "SequencePositions", "SparseDecoder",
+__all__ = ["DeepStack", "DynamicLlamaModel", "DynamicMistralModel", "DynamicQwen2Model", "ImageLayout", "SequencePositions", "SparseDecoder",
            "TEXT_MODELS", "sparse_text_model"]

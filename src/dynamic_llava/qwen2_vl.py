@@ -1,4 +1,5 @@
-"""Dynamic-LLaVA on stock transformers Qwen2-VL / Qwen2.5-VL: the same sparse loop over their decoders.
+"""Dynamic-LLaVA on stock transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the same sparse loop over their
+decoders.
 
 Qwen2-VL encodes each image at its own resolution, so images differ in their number of tokens
 (``t * h * w / merge_size^2`` from ``image_grid_thw``): each keeps ``floor(rate * its own tokens)``
@@ -19,7 +20,7 @@ from typing import ClassVar
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import AutoModel, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -27,6 +28,12 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLModel,
     Qwen2_5_VLPreTrainedModel,
     Qwen2_5_VLTextModel,
+)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
+    Qwen3VLPreTrainedModel,
+    Qwen3VLTextModel,
 )
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VisionTransformerPretrainedModel,
@@ -63,6 +70,15 @@ class DynamicQwen2_5_VLConfig(SparsitySettings, Qwen2_5_VLConfig):
     model_type = "dynamic_qwen2_5_vl"
     base_model_types: ClassVar[tuple[str, ...]] = (Qwen2_5_VLConfig.model_type,)
     family: ClassVar[str] = "Qwen2.5-VL"
+
+
+@strict
+class DynamicQwen3VLConfig(SparsitySettings, Qwen3VLConfig):
+    """Qwen3-VL configuration with the Dynamic-LLaVA sparsity settings (`SparsitySettings`)."""
+
+    model_type = "dynamic_qwen3_vl"
+    base_model_types: ClassVar[tuple[str, ...]] = (Qwen3VLConfig.model_type,)
+    family: ClassVar[str] = "Qwen3-VL"
 
 
 class _QwenPositions:
@@ -112,6 +128,16 @@ class DynamicQwen2_5_VLTextModel(_QwenPositions, SparseDecoder, Qwen2_5_VLTextMo
         self._init_sparsity(config, sparsity)
 
 
+class DynamicQwen3VLTextModel(_QwenPositions, SparseDecoder, Qwen3VLTextModel):
+    """A `Qwen3VLTextModel` (q/k norms, interleaved multimodal RoPE; same weights, same names) whose layers >= K
+    see only the tokens a policy keeps; DeepStack features reach the kept image tokens (`decoder.DeepStack`)."""
+
+    def __init__(self, config, sparsity):
+        _refuse_sliding(config)
+        Qwen3VLTextModel.__init__(self, config)
+        self._init_sparsity(config, sparsity)
+
+
 class _SparseQwenModel:
     """What the stock `Qwen2VLModel` needs around a sparse language model: the loop's arguments reach it
     (not the vision tower), and image features go to the prompt's image tokens only."""
@@ -154,6 +180,18 @@ class DynamicQwen2_5_VLModel(_SparseQwenModel, Qwen2_5_VLModel):
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         self.language_model = DynamicQwen2_5_VLTextModel(config.text_config, config)
+        self.rope_deltas = None
+        self._image_token_mask = None
+        self.post_init()
+
+
+class DynamicQwen3VLModel(_SparseQwenModel, Qwen3VLModel):
+    config_class = DynamicQwen3VLConfig
+
+    def __init__(self, config):
+        Qwen3VLPreTrainedModel.__init__(self, config)
+        self.visual = AutoModel.from_config(config.vision_config)
+        self.language_model = DynamicQwen3VLTextModel(config.text_config, config)
         self.rope_deltas = None
         self._image_token_mask = None
         self.post_init()
@@ -277,6 +315,12 @@ class DynamicQwen2_5_VLForConditionalGeneration(_SparseQwenForConditionalGenerat
     _pretrained_class = Qwen2_5_VLPreTrainedModel
 
 
+class DynamicQwen3VLForConditionalGeneration(_SparseQwenForConditionalGeneration, Qwen3VLForConditionalGeneration):
+    config_class = DynamicQwen3VLConfig
+    _base_model_class = DynamicQwen3VLModel
+    _pretrained_class = Qwen3VLPreTrainedModel
+
+
 def _register_with_transformers() -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.conversion_mapping import (
@@ -289,12 +333,15 @@ def _register_with_transformers() -> None:
          (Qwen2VLForConditionalGeneration, Qwen2VLModel)),
         (DynamicQwen2_5_VLConfig, (DynamicQwen2_5_VLForConditionalGeneration, DynamicQwen2_5_VLModel),
          (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)),
+        (DynamicQwen3VLConfig, (DynamicQwen3VLForConditionalGeneration, DynamicQwen3VLModel),
+         (Qwen3VLForConditionalGeneration, Qwen3VLModel)),
     ):
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModelForImageTextToText.register(config, ours[0], exist_ok=True)
         for mine, theirs in zip(ours, stock):  # stock checkpoints' (legacy) tensor names, renamed by class
-            register_checkpoint_conversion_mapping(mine.__name__, get_checkpoint_conversion_mapping(theirs.__name__),
-                                                   overwrite=True)
+            mapping = get_checkpoint_conversion_mapping(theirs.__name__)
+            if mapping is not None:
+                register_checkpoint_conversion_mapping(mine.__name__, mapping, overwrite=True)
 
 
 _register_with_transformers()
@@ -302,5 +349,6 @@ _register_with_transformers()
 __all__ = [
     "DynamicQwen2VLConfig", "DynamicQwen2VLForConditionalGeneration", "DynamicQwen2VLModel", "DynamicQwen2VLTextModel",
     "DynamicQwen2_5_VLConfig", "DynamicQwen2_5_VLForConditionalGeneration", "DynamicQwen2_5_VLModel",
-    "DynamicQwen2_5_VLTextModel",
+    "DynamicQwen2_5_VLTextModel", "DynamicQwen3VLConfig", "DynamicQwen3VLForConditionalGeneration",
+    "DynamicQwen3VLModel", "DynamicQwen3VLTextModel",
 ]
