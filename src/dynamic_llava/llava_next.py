@@ -17,7 +17,6 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoModel, LlavaNextConfig, LlavaOnevisionConfig
-from transformers.cache_utils import DynamicCache
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
@@ -31,10 +30,10 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionPreTrainedModel,
 )
 
-from .config import SparsitySettings, refuse_misspelt_settings
+from .config import SparsitySettings
 from .decoder import sparse_text_model
-from .modeling import DynamicLlavaOutput, PromptImageMask, SparseGeneration, training_output
-from .policies import TokenPolicy, check_policy
+from .modeling import PromptImageMask, SparseFamilyModel, training_output
+from .policies import TokenPolicy
 from .stats import ForwardRecord, SparsityStats
 
 
@@ -73,7 +72,7 @@ class DynamicLlavaNextModel(PromptImageMask, LlavaNextModel):
         self.post_init()
 
 
-class DynamicLlavaOnevisionModel(LlavaOnevisionModel):
+class DynamicLlavaOnevisionModel(PromptImageMask, LlavaOnevisionModel):
     """`LlavaOnevisionModel` whose language model is a sparse one; image features go to the prompt's image
     tokens only."""
 
@@ -90,52 +89,9 @@ class DynamicLlavaOnevisionModel(LlavaOnevisionModel):
         self._image_token_mask = None
         self.post_init()
 
-    def forward(self, *args, **kwargs):
-        self._image_token_mask = kwargs.get("image_token_mask")
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self._image_token_mask = None
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-        mask = self._image_token_mask
-        if mask is not None and mask.shape == inputs_embeds.shape[:2]:
-            image_mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
-        return image_mask, video_mask
-
-
-class _AnyresSparse(SparseGeneration):
+class _AnyresSparse(SparseFamilyModel):
     """The user-facing anyres classes: the stock ones, sparsified (see the module docstring)."""
-
-    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
-    _base_model_class: ClassVar[type]
-    _pretrained_class: ClassVar[type]
-
-    def __init__(self, config):
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}.")
-        config.check_sparsity()
-        self._pretrained_class.__init__(self, config)
-        self.model = self._base_model_class(config)
-        self.config.__dict__["_structure_fixed"] = True
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a stock checkpoint of the family (fresh predictors) or a Dynamic one; sparsity settings may be
-        overridden as keyword arguments."""
-        refuse_misspelt_settings(kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    @property
-    def image_predictor(self):
-        return self.model.language_model.image_predictor
-
-    @property
-    def text_predictor(self):
-        return self.model.language_model.text_predictor
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, vision_feature_layer=None,
@@ -148,14 +104,7 @@ class _AnyresSparse(SparseGeneration):
         last layer: `kept_index` maps them to input positions). With `labels`: the training path."""
         if pixel_values_videos is not None:
             raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
-        check_policy(sparsity_policy)
-        if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
-            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
-        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
-            past_key_values = None
-        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
-        if past == 0:
-            self.config.check_sparsity()
+        past_key_values, past = self._check_call(past_key_values, sparsity_policy, sparsity_stats)
         if pixel_values is not None:  # encode now: the packed features tell each image's token count
             if image_sizes is None:
                 raise ValueError(f"{self.config.family} images need their image_sizes (the processor returns them).")
@@ -180,32 +129,15 @@ class _AnyresSparse(SparseGeneration):
             return training_output(self, outputs.last_hidden_state, record, labels, num_items_in_batch)
         outputs = self.model(**common, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                              use_cache=use_cache, output_text_start=output_text_start, sparsity_policy=sparsity_policy)
-        hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
-        if sparsity_stats is not None:
-            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
-        return DynamicLlavaOutput(logits=logits, past_key_values=outputs.past_key_values,
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                  image_hidden_states=outputs.image_hidden_states, kept_index=record.kept_index,
-                                  kept_valid=record.kept_valid)
+        return self._output(outputs, record, logits_to_keep, sparsity_stats)
 
     def _image_tokens(self, input_ids, mm_encoder_outputs, past, output_text_start):
-        """The prompt's image-token mask and each image's token count (checked against each other)."""
+        """The prompt's image-token mask and each image's token count (from its packed features)."""
         encoded = (mm_encoder_outputs or {}).get("image")
         if input_ids is None or encoded is None:
             return None, None
-        mask = input_ids == self.config.image_token_id
-        if output_text_start is not None:
-            mask[:, max(output_text_start - past, 0) :] = False  # generated tokens are text, whatever their id
         counts = [len(features) for features in encoded.pooler_output]
-        if int(mask.sum()) != sum(counts):
-            raise ValueError(
-                f"The prompt has {int(mask.sum())} image tokens but its {len(counts)} image(s) need {sum(counts)}: "
-                "build the inputs with the model's processor (it expands each '<image>' for its size)."
-            )
-        return mask, counts
-
+        return self._image_token_mask(input_ids, counts, past, output_text_start), counts
 
     def _vision_kwargs(self, kwargs) -> dict:
         """Family-specific arguments of `get_image_features` (taken out of the forward's kwargs)."""

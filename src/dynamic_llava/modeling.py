@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -91,7 +92,8 @@ def training_output(model, hidden, record, labels, num_items_in_batch) -> "Dynam
 
 class PromptImageMask:
     """Image features go to the prompt's image tokens only (`image_token_mask`): a generated token that carries
-    the image id stays text, as in the stock model. Mixed into a family's base model."""
+    the image id stays text, as in the stock model. Mixed into a family's base model (whose placeholder mask is
+    one mask, or an (image, video) pair)."""
 
     def forward(self, *args, **kwargs):
         self._image_token_mask = kwargs.get("image_token_mask")
@@ -100,11 +102,13 @@ class PromptImageMask:
         finally:
             self._image_token_mask = None
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+    def get_placeholder_mask(self, input_ids, inputs_embeds, *args, **kwargs):
+        stock = super().get_placeholder_mask(input_ids, inputs_embeds, *args, **kwargs)
         mask = getattr(self, "_image_token_mask", None)
         if mask is None or mask.shape != inputs_embeds.shape[:2]:
-            return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        return mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+            return stock
+        image_mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return (image_mask, *stock[1:]) if isinstance(stock, tuple) else image_mask
 
 
 class DynamicLlavaModel(PromptImageMask, LlavaModel):
@@ -190,6 +194,76 @@ class SparseGeneration:
                 f"context is {limit} (text_config.max_position_embeddings): ask for at most "
                 f"{limit + 1 - input_ids_length} new tokens or shorten the prompt."
             )
+
+
+class SparseFamilyModel(SparseGeneration):
+    """The user-facing classes of the other families: the stock class with a sparse base model
+    (`_base_model_class`), the predictors, loading of stock checkpoints (fresh predictors), and the output."""
+
+    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
+    _base_model_class: ClassVar[type]
+    _pretrained_class: ClassVar[type]
+
+    def __init__(self, config):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}.")
+        config.check_sparsity()
+        self._pretrained_class.__init__(self, config)
+        self.model = self._base_model_class(config)
+        self.config.__dict__["_structure_fixed"] = True
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a stock checkpoint of the family (fresh predictors) or a Dynamic one; sparsity settings may be
+        overridden as keyword arguments."""
+        refuse_misspelt_settings(kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @property
+    def image_predictor(self) -> ImagePredictor | None:
+        return self.model.language_model.image_predictor
+
+    @property
+    def text_predictor(self) -> TextPredictor | None:
+        return self.model.language_model.text_predictor
+
+    def _check_call(self, past_key_values, sparsity_policy, sparsity_stats):
+        """Checks before any compute; returns the cache to use (an empty default one is replaced by ours) and its
+        length."""
+        check_policy(sparsity_policy)
+        if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
+            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
+        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
+            past_key_values = None
+        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        if past == 0:
+            self.config.check_sparsity()
+        return past_key_values, past
+
+    def _image_token_mask(self, input_ids, counts, past, output_text_start):
+        """The prompt's image tokens (generated ones are text, whatever their id), checked against the images."""
+        mask = input_ids == self.config.image_token_id
+        if output_text_start is not None:
+            mask[:, max(output_text_start - past, 0) :] = False
+        if int(mask.sum()) != sum(counts):
+            raise ValueError(
+                f"The prompt has {int(mask.sum())} image tokens but its {len(counts)} image(s) need {sum(counts)}: "
+                "build the inputs with the model's processor (it expands each image placeholder for its size)."
+            )
+        return mask
+
+    def _output(self, outputs, record, logits_to_keep, sparsity_stats) -> "DynamicLlavaOutput":
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        if sparsity_stats is not None:
+            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
+        return DynamicLlavaOutput(logits=logits, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                  image_hidden_states=getattr(outputs, "image_hidden_states", None),
+                                  kept_index=record.kept_index, kept_valid=record.kept_valid)
 
 
 class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditionalGeneration):
@@ -476,6 +550,7 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
 __all__ = [
     "DynamicLlamaModel",
     "PromptImageMask",
+    "SparseFamilyModel",
     "SparseGeneration",
     "training_output",
     "DynamicLlavaModel",

@@ -19,9 +19,7 @@ from typing import ClassVar
 
 import torch
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers import AutoModel, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
-from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLForConditionalGeneration,
@@ -43,10 +41,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLTextModel,
 )
 
-from .config import SparsitySettings, refuse_misspelt_settings
+from .config import SparsitySettings
 from .decoder import SparseDecoder
-from .modeling import DynamicLlavaOutput, SparseGeneration, training_output
-from .policies import TokenPolicy, check_policy
+from .modeling import PromptImageMask, SparseFamilyModel, training_output
+from .policies import TokenPolicy
 from .stats import ForwardRecord, SparsityStats
 
 # arguments of the sparse loop that travel through the stock model's **kwargs to its language model
@@ -138,27 +136,13 @@ class DynamicQwen3VLTextModel(_QwenPositions, SparseDecoder, Qwen3VLTextModel):
         self._init_sparsity(config, sparsity)
 
 
-class _SparseQwenModel:
-    """What the stock `Qwen2VLModel` needs around a sparse language model: the loop's arguments reach it
-    (not the vision tower), and image features go to the prompt's image tokens only."""
-
-    def forward(self, *args, **kwargs):
-        self._image_token_mask = kwargs.get("image_token_mask")
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self._image_token_mask = None
+class _SparseQwenModel(PromptImageMask):
+    """What the stock Qwen-VL base model needs around a sparse language model: the loop's arguments reach it, not
+    the vision tower; image features go to the prompt's image tokens only."""
 
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in SPARSE_KWARGS}
         return super().get_image_features(pixel_values, image_grid_thw, **kwargs)
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-        mask = getattr(self, "_image_token_mask", None)
-        if mask is not None and mask.shape == inputs_embeds.shape[:2]:
-            image_mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
-        return image_mask, video_mask
 
 
 class DynamicQwen2VLModel(_SparseQwenModel, Qwen2VLModel):
@@ -197,37 +181,8 @@ class DynamicQwen3VLModel(_SparseQwenModel, Qwen3VLModel):
         self.post_init()
 
 
-class _SparseQwenForConditionalGeneration(SparseGeneration):
+class _SparseQwenForConditionalGeneration(SparseFamilyModel):
     """The user-facing Qwen-VL classes: the stock ones, sparsified (see the module docstring)."""
-
-    _keys_to_ignore_on_load_missing = [r"image_predictor\.", r"text_predictor\."]
-    _base_model_class: ClassVar[type]
-    _pretrained_class: ClassVar[type]
-
-    def __init__(self, config):
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}.")
-        config.check_sparsity()
-        self._pretrained_class.__init__(self, config)
-        self.model = self._base_model_class(config)
-        self.config.__dict__["_structure_fixed"] = True
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a stock checkpoint of the family (fresh predictors) or a Dynamic one; sparsity settings may be
-        overridden as keyword arguments."""
-        refuse_misspelt_settings(kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    @property
-    def image_predictor(self):
-        return self.model.language_model.image_predictor
-
-    @property
-    def text_predictor(self):
-        return self.model.language_model.text_predictor
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
@@ -240,14 +195,7 @@ class _SparseQwenForConditionalGeneration(SparseGeneration):
         training path, as for LLaVA (`DynamicLlavaForConditionalGeneration.forward`)."""
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
-        check_policy(sparsity_policy)
-        if sparsity_stats is not None and not isinstance(sparsity_stats, SparsityStats):
-            raise TypeError(f"sparsity_stats must be a SparsityStats, got {type(sparsity_stats).__name__}.")
-        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
-            past_key_values = None  # an empty default cache: ours is made instead
-        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
-        if past == 0:
-            self.config.check_sparsity()
+        past_key_values, past = self._check_call(past_key_values, sparsity_policy, sparsity_stats)
         image_token_mask, counts = self._image_tokens(input_ids, pixel_values, image_grid_thw, mm_encoder_outputs,
                                                       past, output_text_start)
         record = ForwardRecord()
@@ -270,23 +218,13 @@ class _SparseQwenForConditionalGeneration(SparseGeneration):
             mm_encoder_outputs=mm_encoder_outputs, image_token_mask=image_token_mask, tokens_per_image=counts,
             output_text_start=output_text_start, sparsity_policy=sparsity_policy, sparsity_record=record, **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
-        if sparsity_stats is not None:
-            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
-        return DynamicLlavaOutput(logits=logits, past_key_values=outputs.past_key_values,
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                  kept_index=record.kept_index, kept_valid=record.kept_valid)
+        return self._output(outputs, record, logits_to_keep, sparsity_stats)
 
     def _image_tokens(self, input_ids, pixel_values, image_grid_thw, mm_encoder_outputs, past, output_text_start):
         """The prompt's image-token mask and the tokens of each image (checked against each other)."""
-        if input_ids is None or (pixel_values is None and (mm_encoder_outputs or {}).get("image") is None):
-            return None, None
-        mask = input_ids == self.config.image_token_id
-        if output_text_start is not None:
-            mask[:, max(output_text_start - past, 0) :] = False  # generated tokens are text, whatever their id
         encoded = (mm_encoder_outputs or {}).get("image")
+        if input_ids is None or (pixel_values is None and encoded is None):
+            return None, None
         if encoded is not None:  # generate() encodes the images first: one feature row per image token
             counts = [len(features) for features in encoded.pooler_output]
         elif image_grid_thw is None:
@@ -294,12 +232,7 @@ class _SparseQwenForConditionalGeneration(SparseGeneration):
         else:
             merge = self.config.vision_config.spatial_merge_size
             counts = (image_grid_thw.prod(dim=-1) // merge**2).tolist()
-        if int(mask.sum()) != sum(counts):
-            raise ValueError(
-                f"The prompt has {int(mask.sum())} image tokens but its {len(counts)} image(s) need {sum(counts)}: "
-                "build the inputs with the model's processor."
-            )
-        return mask, counts
+        return self._image_token_mask(input_ids, counts, past, output_text_start), counts
 
 
 class DynamicQwen2VLForConditionalGeneration(_SparseQwenForConditionalGeneration, Qwen2VLForConditionalGeneration):
