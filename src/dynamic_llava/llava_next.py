@@ -55,39 +55,39 @@ class DynamicLlavaOnevisionConfig(SparsitySettings, LlavaOnevisionConfig):
     family: ClassVar[str] = "LLaVA-OneVision"
 
 
-class DynamicLlavaNextModel(PromptImageMask, LlavaNextModel):
+class _AnyresBase(PromptImageMask):
+    """The stock anyres base model's parts (vision tower, projector, row-end embedding) around a sparse language
+    model; image features go to the prompt's image tokens only."""
+
+    _pretrained_class: ClassVar[type]
+    _projector_class: ClassVar[type]
+
+    def __init__(self, config):
+        self._pretrained_class.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = self._projector_class(config)
+        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = sparse_text_model(config.text_config, config)
+        self._image_token_mask = None
+        self.post_init()
+
+
+class DynamicLlavaNextModel(_AnyresBase, LlavaNextModel):
     """`LlavaNextModel` whose language model is a sparse one (weights and names unchanged)."""
 
     config_class = DynamicLlavaNextConfig
-
-    def __init__(self, config):
-        LlavaNextPreTrainedModel.__init__(self, config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = LlavaNextMultiModalProjector(config)
-        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
-        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
-        self.vocab_size = config.text_config.vocab_size
-        self.language_model = sparse_text_model(config.text_config, config)
-        self._image_token_mask = None
-        self.post_init()
+    _pretrained_class = LlavaNextPreTrainedModel
+    _projector_class = LlavaNextMultiModalProjector
 
 
-class DynamicLlavaOnevisionModel(PromptImageMask, LlavaOnevisionModel):
-    """`LlavaOnevisionModel` whose language model is a sparse one; image features go to the prompt's image
-    tokens only."""
+class DynamicLlavaOnevisionModel(_AnyresBase, LlavaOnevisionModel):
+    """`LlavaOnevisionModel` whose language model is a sparse one (weights and names unchanged)."""
 
     config_class = DynamicLlavaOnevisionConfig
-
-    def __init__(self, config):
-        LlavaOnevisionPreTrainedModel.__init__(self, config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
-        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
-        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
-        self.vocab_size = config.text_config.vocab_size
-        self.language_model = sparse_text_model(config.text_config, config)
-        self._image_token_mask = None
-        self.post_init()
+    _pretrained_class = LlavaOnevisionPreTrainedModel
+    _projector_class = LlavaOnevisionMultiModalProjector
 
 
 class _AnyresSparse(SparseFamilyModel):

@@ -128,7 +128,16 @@ class DynamicLlavaModel(PromptImageMask, LlavaModel):
 
 class SparseGeneration:
     """`generate()` for every family: a `DynamicLlavaCache` (buffers reserved for `max_new_tokens`), where
-    generated text begins (for decoding without a cache), and limits checked before decoding starts."""
+    generated text begins (for decoding without a cache), and limits checked before decoding starts; and the
+    two predictors."""
+
+    @property
+    def image_predictor(self) -> ImagePredictor | None:
+        return self.model.language_model.image_predictor
+
+    @property
+    def text_predictor(self) -> TextPredictor | None:
+        return self.model.language_model.text_predictor
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Give `generate()` a `DynamicLlavaCache` instead of a plain `DynamicCache`."""
@@ -220,14 +229,6 @@ class SparseFamilyModel(SparseGeneration):
         overridden as keyword arguments."""
         refuse_misspelt_settings(kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    @property
-    def image_predictor(self) -> ImagePredictor | None:
-        return self.model.language_model.image_predictor
-
-    @property
-    def text_predictor(self) -> TextPredictor | None:
-        return self.model.language_model.text_predictor
 
     def _check_call(self, past_key_values, sparsity_policy, sparsity_stats):
         """Checks before any compute; returns the cache to use (an empty default one is replaced by ours) and its
@@ -343,14 +344,6 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
                     f"predictor{'s' if len(fresh) > 1 else ''}: initialised fresh ones (their keep decisions are arbitrary until fine-tuned)."
                 )
         return model
-
-    @property
-    def image_predictor(self) -> ImagePredictor | None:
-        return self.model.language_model.image_predictor
-
-    @property
-    def text_predictor(self) -> TextPredictor | None:
-        return self.model.language_model.text_predictor
 
     def tokens_per_image(self) -> int:
         """Image tokens one image expands to (576 for LLaVA-1.5 at 336 px)."""
