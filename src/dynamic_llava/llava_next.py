@@ -137,7 +137,7 @@ class _AnyresSparse(SparseFamilyModel):
         if input_ids is None or encoded is None:
             return None, None
         counts = [len(features) for features in encoded.pooler_output]
-        return self._image_token_mask(input_ids, counts, past, output_text_start), counts
+        return self._prompt_image_mask(input_ids, counts, past, output_text_start), counts
 
     def _vision_kwargs(self, kwargs) -> dict:
         """Family-specific arguments of `get_image_features` (taken out of the forward's kwargs)."""

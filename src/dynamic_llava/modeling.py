@@ -243,7 +243,7 @@ class SparseFamilyModel(SparseGeneration):
             self.config.check_sparsity()
         return past_key_values, past
 
-    def _image_token_mask(self, input_ids, counts, past, output_text_start):
+    def _prompt_image_mask(self, input_ids, counts, past, output_text_start):
         """The prompt's image tokens (generated ones are text, whatever their id), checked against the images."""
         mask = input_ids == self.config.image_token_id
         if output_text_start is not None:

@@ -232,7 +232,7 @@ class _SparseQwenForConditionalGeneration(SparseFamilyModel):
         else:
             merge = self.config.vision_config.spatial_merge_size
             counts = (image_grid_thw.prod(dim=-1) // merge**2).tolist()
-        return self._image_token_mask(input_ids, counts, past, output_text_start), counts
+        return self._prompt_image_mask(input_ids, counts, past, output_text_start), counts
 
 
 class DynamicQwen2VLForConditionalGeneration(_SparseQwenForConditionalGeneration, Qwen2VLForConditionalGeneration):
