@@ -1,6 +1,6 @@
 """Who decides which tokens layers >= K keep: one small interface (`TokenPolicy`), one module per method.
 
-The engine that applies a policy (gather, cache, masks) is `modeling.py`; see `base.py` for the
+The engine that applies a policy (gather, cache, masks) is `decoder.py`; see `base.py` for the
 questions a policy answers.
 """
 

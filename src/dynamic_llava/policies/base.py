@@ -1,6 +1,6 @@
 """The interface every token-selection policy implements, and what the engine hands it.
 
-The engine (`modeling.py`: gather, cache, masks) asks a policy three questions at layer K:
+The engine (`decoder.py`: gather, cache, masks) asks a policy three questions at layer K:
 
 * `image_scores`: how much each image token deserves to stay; the engine keeps each image's top
   ``floor(rate * tokens)``.
