@@ -18,7 +18,7 @@ cache; without a cache they stay in the recomputed sequence but are hidden from 
 eviction (their own, earlier, outputs shaped the tokens that came after them, exactly as the cached K/V
 did), so both modes give the same tokens.
 
-A family plugs in through three position hooks (`SparseDecoder._positions`, `_mask_positions`): Llama's
+A family plugs in through two position hooks (`SparseDecoder._positions`, `_mask_positions`): Llama's
 positions are one row per sample, Qwen2-VL's multimodal RoPE three; the rotary cos/sin each family computes
 from them are gathered by kept index like any other per-token tensor.
 """

@@ -86,6 +86,7 @@ class DynamicLlavaOnevisionModel(_AnyresBase, LlavaOnevisionModel):
     """`LlavaOnevisionModel` whose language model is a sparse one (weights and names unchanged)."""
 
     config_class = DynamicLlavaOnevisionConfig
+    placeholder_pair = True
     _pretrained_class = LlavaOnevisionPreTrainedModel
     _projector_class = LlavaOnevisionMultiModalProjector
 

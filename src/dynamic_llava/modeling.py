@@ -92,8 +92,10 @@ def training_output(model, hidden, record, labels, num_items_in_batch) -> "Dynam
 
 class PromptImageMask:
     """Image features go to the prompt's image tokens only (`image_token_mask`): a generated token that carries
-    the image id stays text, as in the stock model. Mixed into a family's base model (whose placeholder mask is
-    one mask, or an (image, video) pair)."""
+    the image id stays text, as in the stock model. Mixed into a family's base model; `placeholder_pair` marks
+    the families whose placeholder mask is an (image, video) pair."""
+
+    placeholder_pair: ClassVar[bool] = False
 
     def forward(self, *args, **kwargs):
         self._image_token_mask = kwargs.get("image_token_mask")
@@ -102,13 +104,17 @@ class PromptImageMask:
         finally:
             self._image_token_mask = None
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, *args, **kwargs):
-        stock = super().get_placeholder_mask(input_ids, inputs_embeds, *args, **kwargs)
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
         mask = getattr(self, "_image_token_mask", None)
         if mask is None or mask.shape != inputs_embeds.shape[:2]:
-            return stock
+            if self.placeholder_pair:
+                return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+            return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
         image_mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
-        return (image_mask, *stock[1:]) if isinstance(stock, tuple) else image_mask
+        if not self.placeholder_pair:
+            return image_mask
+        _, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, None, video_features)
+        return image_mask, video_mask
 
 
 class DynamicLlavaModel(PromptImageMask, LlavaModel):

@@ -140,6 +140,8 @@ class _SparseQwenModel(PromptImageMask):
     """What the stock Qwen-VL base model needs around a sparse language model: the loop's arguments reach it, not
     the vision tower; image features go to the prompt's image tokens only."""
 
+    placeholder_pair = True
+
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in SPARSE_KWARGS}
         return super().get_image_features(pixel_values, image_grid_thw, **kwargs)
