@@ -106,6 +106,9 @@ class _AnyresSparse(SparseFamilyModel):
         if pixel_values_videos is not None:
             raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
         past_key_values, past = self._check_call(past_key_values, sparsity_policy, sparsity_stats)
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one "
+                             "label per input token (-100 where no loss is taken).")
         if pixel_values is not None:  # encode now: the packed features tell each image's token count
             if image_sizes is None:
                 raise ValueError(f"{self.config.family} images need their image_sizes (the processor returns them).")
@@ -122,9 +125,6 @@ class _AnyresSparse(SparseFamilyModel):
                       mm_encoder_outputs=mm_encoder_outputs, image_token_mask=image_token_mask, tokens_per_image=counts,
                       sparsity_record=record, **kwargs)
         if labels is not None:
-            if input_ids is not None and labels.shape != input_ids.shape:
-                raise ValueError(f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one "
-                                 "label per input token (-100 where no loss is taken).")
             outputs = self.model(**common, masked_training=True, answer_mask=answer_mask, gumbel_tau=gumbel_tau,
                                  keep_override=keep_override, mask_gradient_scale=mask_gradient_scale, use_cache=False)
             return training_output(self, outputs.last_hidden_state, record, labels, num_items_in_batch)
