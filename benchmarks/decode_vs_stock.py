@@ -73,22 +73,29 @@ def qwen_models(args):
     return ours, stock
 
 
-def qwen_prompts(args, batch: int, tokens_per_image: int) -> dict:
-    """Qwen2-VL inputs shaped like `prompts`: one image of `tokens_per_image` tokens per sample."""
-    g = torch.Generator().manual_seed(0)
-    side = int(tokens_per_image ** 0.5) * MERGE  # patches per side
+def left_padded(args, batch: int, image_block: list[int], lowest_text_id: int, g: torch.Generator):
+    """(ids, mask) of `batch` prompts: random text around one image block, left padded (batch > 1: the samples
+    are 4 tokens apart in length)."""
     rows = []
     for b in range(batch):
-        text = args.prompt - tokens_per_image - 2 - (0 if batch == 1 else 4 * b)
+        text = args.prompt - len(image_block) - (0 if batch == 1 else 4 * b)
         before = text // 3
-        rows.append(torch.cat([torch.randint(7, args.vocab, (before,), generator=g), torch.tensor([VISION_START]),
-                               torch.full((tokens_per_image,), IMAGE_TOKEN), torch.tensor([VISION_END]),
-                               torch.randint(7, args.vocab, (text - before,), generator=g)]))
+        rows.append(torch.cat([torch.randint(lowest_text_id, args.vocab, (before,), generator=g),
+                               torch.tensor(image_block),
+                               torch.randint(lowest_text_id, args.vocab, (text - before,), generator=g)]))
     width = max(len(r) for r in rows)
     ids = torch.full((batch, width), PAD)
     mask = torch.zeros(batch, width, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    return ids, mask
+
+
+def qwen_prompts(args, batch: int, tokens_per_image: int) -> dict:
+    """Qwen2-VL inputs shaped like `prompts`: one image of `tokens_per_image` tokens per sample."""
+    g = torch.Generator().manual_seed(0)
+    side = int(tokens_per_image ** 0.5) * MERGE  # patches per side
+    ids, mask = left_padded(args, batch, [VISION_START, *[IMAGE_TOKEN] * tokens_per_image, VISION_END], 7, g)
     return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_TOKEN).long(),
                 pixel_values=torch.randn(batch * side * side, 3 * 2 * PATCH * PATCH, generator=g),
                 image_grid_thw=torch.tensor([[1, side, side]] * batch))
@@ -96,18 +103,7 @@ def qwen_prompts(args, batch: int, tokens_per_image: int) -> dict:
 
 def prompts(args, batch: int, tokens_per_image: int):
     g = torch.Generator().manual_seed(0)
-    rows = []
-    for b in range(batch):
-        text = args.prompt - tokens_per_image - (0 if batch == 1 else 4 * b)  # batch > 1: left padding
-        before = text // 3
-        rows.append(torch.cat([torch.randint(4, args.vocab, (before,), generator=g),
-                               torch.full((tokens_per_image,), IMAGE_TOKEN),
-                               torch.randint(4, args.vocab, (text - before,), generator=g)]))
-    width = max(len(r) for r in rows)
-    ids = torch.full((batch, width), PAD)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    ids, mask = left_padded(args, batch, [IMAGE_TOKEN] * tokens_per_image, 4, g)
     side = args.image_side * 4
     return ids, mask, torch.randn(batch, 3, side, side, generator=g)
 

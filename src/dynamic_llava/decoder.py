@@ -115,6 +115,11 @@ class DeepStack:
     rows: torch.Tensor  # [B, N] long, each such token's row in the feature tensors
     features: list[torch.Tensor]  # per layer, [visual tokens, H]
 
+    def __post_init__(self):
+        # where the features go, found once (not in every layer): flat token index and feature row of each
+        self._targets = self.positions.reshape(-1).nonzero().squeeze(1)
+        self._sources = self.rows.reshape(-1)[self._targets]
+
     @classmethod
     def take(cls, kwargs: dict) -> "DeepStack | None":
         """Pop Qwen3-VL's ``visual_pos_masks`` / ``deepstack_visual_embeds`` from a forward's kwargs (None if absent)."""
@@ -127,10 +132,8 @@ class DeepStack:
     def add(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if layer >= len(self.features):
             return hidden
-        rows = self.rows[self.positions]
-        hidden = hidden.clone()
-        hidden[self.positions] = hidden[self.positions] + self.features[layer][rows].to(hidden.dtype)
-        return hidden
+        features = self.features[layer][self._sources].to(hidden.dtype)
+        return hidden.reshape(-1, hidden.shape[-1]).index_add(0, self._targets, features).view_as(hidden)
 
     def gathered(self, index: torch.Tensor | None, slot_valid: torch.Tensor | None) -> "DeepStack":
         """The same for the kept tokens' slots (filler slots get nothing)."""
@@ -139,11 +142,21 @@ class DeepStack:
         return DeepStack(self.positions.gather(1, index) & slot_valid, self.rows.gather(1, index), self.features)
 
 
+def refuse_sliding_window(config) -> None:
+    """Sliding-window layers need a mask the sparse loop does not build: refuse them clearly."""
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    if sliding or (config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None):
+        raise ValueError("Sliding-window attention is not supported by Dynamic-LLaVA: use a checkpoint without it "
+                         "(sliding_window unset, use_sliding_window false).")
+
+
 class SparseDecoder:
     """The sparse loop, mixed into a family's text model (`LlamaModel`, `Qwen2VLTextModel`): same weights, same
     names, plus the two predictors. The family supplies `_positions` and `_mask_positions`."""
 
-    def _init_sparsity(self, config, sparsity) -> None:
+    def __init__(self, config, sparsity):
+        refuse_sliding_window(config)
+        super().__init__(config)  # the family's stock text model
         self.sparsity = sparsity  # the full model config: read at every call, so edits take effect
         hidden = config.hidden_size
         self.image_predictor = (
@@ -213,13 +226,13 @@ class SparseDecoder:
         past = cache.get_seq_length(0) if cache is not None else 0
         rope_positions, position_ids = self._positions(position_ids, attention_mask, past, batch, seq,
                                                        inputs_embeds.device)
-
+        mask_positions = self._mask_positions(position_ids)
         full_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=cache,
-            position_ids=self._mask_positions(position_ids),
+            position_ids=mask_positions,
             layer_idx=0,
         )
         hidden = inputs_embeds
@@ -229,8 +242,8 @@ class SparseDecoder:
             if i == k_layer - 1:
                 hidden_before = hidden  # entering layer K-1: attention-based policies (FastV) read it
             hidden = layer(
-                hidden, attention_mask=full_mask, position_embeddings=(cos, sin),
-                position_ids=self._mask_positions(position_ids), **layer_kwargs
+                hidden, attention_mask=full_mask, position_embeddings=(cos, sin), position_ids=mask_positions,
+                **layer_kwargs
             )
             if deepstack is not None:
                 hidden = deepstack.add(i, hidden)
@@ -291,20 +304,21 @@ class SparseDecoder:
             # overstates the width, which the key mask covers)
             may_drop = seq_s > 1 or record.text_decided
             mask_2d = cache.plan_step(store_s, valid_s, text_columns_s, received, may_drop=may_drop)
+        mask_positions = self._mask_positions(pos_s)
         sparse_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden_s,
             attention_mask=mask_2d,
             past_key_values=cache,
-            position_ids=self._mask_positions(pos_s),
+            position_ids=mask_positions,
             layer_idx=k_layer,
             and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - seq_s),
             allow_is_causal_skip=seq_s > 1,  # decoding: the slot mask always matters, and checking it would sync
         )
         for i, layer in enumerate(self.layers[k_layer:], start=k_layer):
             hidden_s = layer(
-                hidden_s, attention_mask=sparse_mask, position_embeddings=(cos_s, sin_s),
-                position_ids=self._mask_positions(pos_s), **layer_kwargs
+                hidden_s, attention_mask=sparse_mask, position_embeddings=(cos_s, sin_s), position_ids=mask_positions,
+                **layer_kwargs
             )
             if deepstack is not None:
                 hidden_s = deepstack.add(i, hidden_s)
@@ -327,16 +341,17 @@ class SparseDecoder:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         rope_positions, position_ids = self._positions(position_ids, attention_mask, 0, batch, seq,
                                                        inputs_embeds.device)
+        mask_positions = self._mask_positions(position_ids)
         full_mask = create_causal_mask(
             config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=None, position_ids=self._mask_positions(position_ids),
+            past_key_values=None, position_ids=mask_positions,
         )
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, rope_positions)
         k_layer = self.sparsity.sparse_layer
         for i, layer in enumerate(self.layers[:k_layer]):
             hidden = layer(hidden, attention_mask=full_mask, position_embeddings=position_embeddings,
-                           position_ids=self._mask_positions(position_ids), **kwargs)
+                           position_ids=mask_positions, **kwargs)
             if deepstack is not None:
                 hidden = deepstack.add(i, hidden)
 
@@ -516,30 +531,14 @@ class SequencePositions:
 class DynamicLlamaModel(SequencePositions, SparseDecoder, LlamaModel):
     """A `LlamaModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
 
-    def __init__(self, config, sparsity):
-        LlamaModel.__init__(self, config)
-        self._init_sparsity(config, sparsity)
-
 
 class DynamicMistralModel(SequencePositions, SparseDecoder, MistralModel):
     """A `MistralModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
-
-    def __init__(self, config, sparsity):
-        if getattr(config, "sliding_window", None) is not None:
-            raise ValueError("Sliding-window attention (Mistral's sliding_window) is not supported by Dynamic-LLaVA.")
-        MistralModel.__init__(self, config)
-        self._init_sparsity(config, sparsity)
 
 
 class DynamicQwen2Model(SequencePositions, SparseDecoder, Qwen2Model):
     """A `Qwen2Model` (LLaVA-OneVision's decoder; same weights, same names) whose layers >= K see only the tokens
     a policy keeps."""
-
-    def __init__(self, config, sparsity):
-        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-            raise ValueError("Sliding-window layers (use_sliding_window=true) are not supported by Dynamic-LLaVA.")
-        Qwen2Model.__init__(self, config)
-        self._init_sparsity(config, sparsity)
 
 
 TEXT_MODELS = {"llama": DynamicLlamaModel, "mistral": DynamicMistralModel, "qwen2": DynamicQwen2Model}
@@ -555,5 +554,5 @@ def sparse_text_model(text_config, sparsity):
     return TEXT_MODELS[model_type](text_config, sparsity)
 
 
-__all__ = ["DeepStack", "DynamicLlamaModel", "DynamicMistralModel", "DynamicQwen2Model", "ImageLayout", "SequencePositions", "SparseDecoder",
-           "TEXT_MODELS", "sparse_text_model"]
+__all__ = ["DeepStack", "DynamicLlamaModel", "DynamicMistralModel", "DynamicQwen2Model", "ImageLayout",
+           "SequencePositions", "SparseDecoder", "TEXT_MODELS", "refuse_sliding_window", "sparse_text_model"]

@@ -210,6 +210,18 @@ class SparseGeneration:
                 f"{limit + 1 - input_ids_length} new tokens or shorten the prompt."
             )
 
+    def _output(self, outputs, record, logits_to_keep, sparsity_stats) -> "DynamicLlavaOutput":
+        """Logits of the kept tokens (`logits_to_keep` of them), the stats filled, the record's kept index."""
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        if sparsity_stats is not None:
+            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
+        return DynamicLlavaOutput(logits=logits, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                  image_hidden_states=getattr(outputs, "image_hidden_states", None),
+                                  kept_index=record.kept_index, kept_valid=record.kept_valid)
+
 
 class SparseFamilyModel(SparseGeneration):
     """The user-facing classes of the other families: the stock class with a sparse base model
@@ -260,18 +272,6 @@ class SparseFamilyModel(SparseGeneration):
                 "build the inputs with the model's processor (it expands each image placeholder for its size)."
             )
         return mask
-
-    def _output(self, outputs, record, logits_to_keep, sparsity_stats) -> "DynamicLlavaOutput":
-        hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
-        if sparsity_stats is not None:
-            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
-        return DynamicLlavaOutput(logits=logits, past_key_values=outputs.past_key_values,
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                  image_hidden_states=getattr(outputs, "image_hidden_states", None),
-                                  kept_index=record.kept_index, kept_valid=record.kept_valid)
-
 
 class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditionalGeneration):
     """LLaVA with Dynamic-LLaVA vision-language context sparsification.
@@ -443,21 +443,7 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
             sparsity_record=record,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
-        if sparsity_stats is not None:
-            sparsity_stats.update(record, outputs.past_key_values, accumulate_text=outputs.past_key_values is not None)
-        out = DynamicLlavaOutput(
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            kept_index=record.kept_index,
-            kept_valid=record.kept_valid,
-        )
-        return out
+        return self._output(outputs, record, logits_to_keep, sparsity_stats)
 
     def _masked_training_forward(
         self, input_ids, pixel_values, attention_mask, position_ids, labels, answer_mask, gumbel_tau,

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import AutoModel, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLForConditionalGeneration,
@@ -32,6 +32,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLModel,
     Qwen3VLPreTrainedModel,
     Qwen3VLTextModel,
+    Qwen3VLVisionModel,
 )
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VisionTransformerPretrainedModel,
@@ -79,8 +80,9 @@ class DynamicQwen3VLConfig(SparsitySettings, Qwen3VLConfig):
     family: ClassVar[str] = "Qwen3-VL"
 
 
-class _QwenPositions:
-    """Qwen-VL's positions: three rows (time, height, width) for RoPE, one row for everything else."""
+class _QwenText(SparseDecoder):
+    """A Qwen-VL text model with the sparse loop. Its positions: three rows (time, height, width) for RoPE, one
+    row for everything else."""
 
     def _positions(self, position_ids, attention_mask, past, batch, seq, device):
         sequence = None
@@ -103,44 +105,35 @@ class _QwenPositions:
         return None  # the layers read position ids only for packed sequences (flash attention)
 
 
-def _refuse_sliding(config) -> None:
-    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        raise ValueError("Sliding-window layers (use_sliding_window=true) are not supported by Dynamic-LLaVA.")
-
-
-class DynamicQwen2VLTextModel(_QwenPositions, SparseDecoder, Qwen2VLTextModel):
+class DynamicQwen2VLTextModel(_QwenText, Qwen2VLTextModel):
     """A `Qwen2VLTextModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
 
-    def __init__(self, config, sparsity):
-        _refuse_sliding(config)
-        Qwen2VLTextModel.__init__(self, config)
-        self._init_sparsity(config, sparsity)
 
-
-class DynamicQwen2_5_VLTextModel(_QwenPositions, SparseDecoder, Qwen2_5_VLTextModel):
+class DynamicQwen2_5_VLTextModel(_QwenText, Qwen2_5_VLTextModel):
     """A `Qwen2_5_VLTextModel` (same weights, same names) whose layers >= K see only the tokens a policy keeps."""
 
-    def __init__(self, config, sparsity):
-        _refuse_sliding(config)
-        Qwen2_5_VLTextModel.__init__(self, config)
-        self._init_sparsity(config, sparsity)
 
-
-class DynamicQwen3VLTextModel(_QwenPositions, SparseDecoder, Qwen3VLTextModel):
+class DynamicQwen3VLTextModel(_QwenText, Qwen3VLTextModel):
     """A `Qwen3VLTextModel` (q/k norms, interleaved multimodal RoPE; same weights, same names) whose layers >= K
     see only the tokens a policy keeps; DeepStack features reach the kept image tokens (`decoder.DeepStack`)."""
 
-    def __init__(self, config, sparsity):
-        _refuse_sliding(config)
-        Qwen3VLTextModel.__init__(self, config)
-        self._init_sparsity(config, sparsity)
-
 
 class _SparseQwenModel(PromptImageMask):
-    """What the stock Qwen-VL base model needs around a sparse language model: the loop's arguments reach it, not
-    the vision tower; image features go to the prompt's image tokens only."""
+    """The stock Qwen-VL base model around a sparse language model (`_text_class`): the loop's arguments reach it,
+    not the vision tower; image features go to the prompt's image tokens only."""
 
     placeholder_pair = True
+    _pretrained_class: ClassVar[type]
+    _visual_class: ClassVar[type]
+    _text_class: ClassVar[type]
+
+    def __init__(self, config):
+        self._pretrained_class.__init__(self, config)
+        self.visual = self._visual_class._from_config(config.vision_config)
+        self.language_model = self._text_class(config.text_config, config)
+        self.rope_deltas = None
+        self._image_token_mask = None
+        self.post_init()
 
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in SPARSE_KWARGS}
@@ -149,38 +142,20 @@ class _SparseQwenModel(PromptImageMask):
 
 class DynamicQwen2VLModel(_SparseQwenModel, Qwen2VLModel):
     config_class = DynamicQwen2VLConfig
-
-    def __init__(self, config):
-        Qwen2VLPreTrainedModel.__init__(self, config)
-        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
-        self.language_model = DynamicQwen2VLTextModel(config.text_config, config)
-        self.rope_deltas = None
-        self._image_token_mask = None
-        self.post_init()
+    _pretrained_class, _visual_class = Qwen2VLPreTrainedModel, Qwen2VisionTransformerPretrainedModel
+    _text_class = DynamicQwen2VLTextModel
 
 
 class DynamicQwen2_5_VLModel(_SparseQwenModel, Qwen2_5_VLModel):
     config_class = DynamicQwen2_5_VLConfig
-
-    def __init__(self, config):
-        Qwen2_5_VLPreTrainedModel.__init__(self, config)
-        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
-        self.language_model = DynamicQwen2_5_VLTextModel(config.text_config, config)
-        self.rope_deltas = None
-        self._image_token_mask = None
-        self.post_init()
+    _pretrained_class, _visual_class = Qwen2_5_VLPreTrainedModel, Qwen2_5_VisionTransformerPretrainedModel
+    _text_class = DynamicQwen2_5_VLTextModel
 
 
 class DynamicQwen3VLModel(_SparseQwenModel, Qwen3VLModel):
     config_class = DynamicQwen3VLConfig
-
-    def __init__(self, config):
-        Qwen3VLPreTrainedModel.__init__(self, config)
-        self.visual = AutoModel.from_config(config.vision_config)
-        self.language_model = DynamicQwen3VLTextModel(config.text_config, config)
-        self.rope_deltas = None
-        self._image_token_mask = None
-        self.post_init()
+    _pretrained_class, _visual_class = Qwen3VLPreTrainedModel, Qwen3VLVisionModel
+    _text_class = DynamicQwen3VLTextModel
 
 
 class _SparseQwenForConditionalGeneration(SparseFamilyModel):

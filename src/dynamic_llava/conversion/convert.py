@@ -160,6 +160,9 @@ class _TensorFiles:
             raise ConversionError(f"{path} cannot be read as a weight file ({type(error).__name__}: {error}).")
 
 
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
 class _LazySafetensors:
     """{name: tensor} over a safetensors file whose tensors are read only when asked for."""
 
@@ -171,6 +174,10 @@ class _LazySafetensors:
 
     def __iter__(self):
         return iter(self.keys())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype from the file header (nothing read)."""
+        return _SAFETENSORS_DTYPES[self._file.get_slice(name).get_dtype()]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
@@ -529,8 +536,8 @@ def _source_dtype(plan: _Plan, targets) -> torch.dtype:
     """The language model's dtype in the source: that of its embeddings."""
     index, name = targets["model.language_model.embed_tokens.weight"]
     files = plan.sources[index][0]
-    shard = files.weight_map[name] if files.weight_map is not None else files.files[0]
-    return files._open(shard)[name].dtype
+    shard = files._open(files.weight_map[name] if files.weight_map is not None else files.files[0])
+    return shard.dtype(name) if isinstance(shard, _LazySafetensors) else shard[name].dtype  # .bin: mmap, unread
 
 
 def _stream_tensors(plan, targets, work: Path, dtype: torch.dtype, max_shard_size: int, report) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from transformers import LlavaProcessor
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -206,8 +207,8 @@ class LlavaConversationDataset(Dataset):
         n_text = len(self.processor.tokenizer(text, add_special_tokens=self._add_special_tokens(text))["input_ids"])
         if not n_images:
             return n_text
-        crop = getattr(self.processor.image_processor, "crop_size", None)
-        if type(self.processor).__name__ == "LlavaProcessor" and crop:
+        if isinstance(self.processor, LlavaProcessor):  # every image becomes the crop size's tokens
+            crop = self.processor.image_processor.crop_size
             per_image = self.processor._get_num_multimodal_tokens(image_sizes=[(crop["height"], crop["width"])])
             return n_text + n_images * (per_image.num_image_tokens[0] - 1)
         sizes = []
