@@ -17,6 +17,7 @@ import torch
 import dynamic_llava.policies as policies
 from dynamic_llava import (
     CDPrunerPolicy,
+    ComposedPolicy,
     DARTPolicy,
     DynamicLlavaCache,
     FastVPolicy,
@@ -58,6 +59,13 @@ CASES = {
     "streaming-1": Case(StreamingLLMPolicy(window=1), StreamingLLMPolicy(window=10**6)),
     "streaming-3": Case(StreamingLLMPolicy(window=3), StreamingLLMPolicy(window=10**6), model=NO_PREDICTORS),
     "h2o": Case(H2OPolicy(heavy=2, recent=3), H2OPolicy(heavy=10**6, recent=10**6), cache_only=True),
+    "composed": Case(ComposedPolicy(images=FastVPolicy(), text=LearnedPolicy(), evict=StreamingLLMPolicy(window=3),
+                                    image_keep_rate=0.25),
+                     ComposedPolicy(images=FastVPolicy(1.0), evict=StreamingLLMPolicy(window=10**6)), 0.25),
+    "composed-h2o": Case(ComposedPolicy(images=RandomPolicy(seed=2), evict=H2OPolicy(heavy=2, recent=3),
+                                        image_keep_rate=0.5),
+                         ComposedPolicy(images=RandomPolicy(1.0), evict=H2OPolicy(heavy=10**6, recent=10**6)), 0.5,
+                         cache_only=True),
 }
 case_params = pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 

@@ -3,6 +3,7 @@
 from .auto import from_pretrained, model_class_for
 from .cache import DynamicLlavaCache, SparseLayer
 from .config import DynamicLlavaConfig
+from .control import SparsityController, SparsityRequest
 from .llava_next import (
     DynamicLlavaNextConfig,
     DynamicLlavaNextForConditionalGeneration,
@@ -17,6 +18,7 @@ from .modeling import (
 )
 from .policies import (
     CDPrunerPolicy,
+    ComposedPolicy,
     DARTPolicy,
     FastVPolicy,
     H2OPolicy,
@@ -58,6 +60,7 @@ __all__ = [
     "DynamicQwen3VLForConditionalGeneration",
     "DynamicLlavaOutput",
     "CDPrunerPolicy",
+    "ComposedPolicy",
     "DARTPolicy",
     "FastVPolicy",
     "ForwardRecord",
@@ -67,6 +70,8 @@ __all__ = [
     "PolicyContext",
     "RandomPolicy",
     "SparseLayer",
+    "SparsityController",
+    "SparsityRequest",
     "SparsityStats",
     "StreamingLLMPolicy",
     "TextPredictor",

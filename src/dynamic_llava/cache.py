@@ -35,13 +35,16 @@ class SlotTable:
     def __init__(self, layers: int = 0):
         self.layers = layers  # sparse layers that run each step: the plan is cleared after the last one
         self.reserved = 0  # slots to add at the first growth (generate: max_new_tokens)
+        self.budget: torch.Tensor | None = None  # [B] float: the most slots each sample may hold (inf: none)
         self.clear()
 
     def clear(self) -> None:
-        """Forget every token (a reset cache); the reservation stays."""
+        """Forget every token (a reset cache); the reservation stays, the budget goes."""
+        self.budget = None
         self.lengths: torch.Tensor | None = None  # [B] long: valid slots per sample
         self.text_columns: torch.Tensor | None = None  # [B, capacity] long: column of a generated token, else -1
         self.attention: torch.Tensor | None = None  # [B, capacity] float: attention received in layer K so far
+        self.scores: torch.Tensor | None = None  # [B, capacity] float: learned keep log-prob (+inf: never evicted)
         self.width = 0  # slots in use: >= every sample's length (equal after a host sync)
         self.exact = True  # whether `width` is known to be the longest sample's length (else: an upper bound)
         self.end_step()
@@ -72,6 +75,7 @@ class SlotTable:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.text_columns = torch.full((batch, 0), -1, dtype=torch.long, device=device)
         self.attention = torch.zeros(batch, 0, dtype=torch.float32, device=device)
+        self.scores = torch.zeros(batch, 0, dtype=torch.float32, device=device)
         self.width, self.exact = 0, True
 
     def ensure_capacity(self, needed: int) -> None:
@@ -83,6 +87,7 @@ class SlotTable:
         grow = size - self.capacity
         self.text_columns = torch.nn.functional.pad(self.text_columns, (0, grow), value=-1)
         self.attention = torch.nn.functional.pad(self.attention, (0, grow))
+        self.scores = torch.nn.functional.pad(self.scores, (0, grow), value=float("inf"))
 
     def settle(self) -> int:
         """The width, made exact first if a step may have left it an upper bound (one host sync then)."""
@@ -97,9 +102,11 @@ class SlotTable:
 
     def select_batch(self, index_fn) -> None:
         """Apply a batch-dimension operation (repeat, select, reorder) to the per-sample state."""
+        if self.budget is not None:
+            self.budget = index_fn(self.budget)
         if self.is_initialized:
-            self.lengths, self.text_columns, self.attention = (
-                index_fn(t) for t in (self.lengths, self.text_columns, self.attention)
+            self.lengths, self.text_columns, self.attention, self.scores = (
+                index_fn(t) for t in (self.lengths, self.text_columns, self.attention, self.scores)
             )
             self.exact = False  # the longest sample may be gone: the width is an upper bound now
 
@@ -285,11 +292,15 @@ class DynamicLlavaCache(Cache):
         text_columns: torch.Tensor | None = None,
         attention: torch.Tensor | None = None,
         may_drop: bool = True,
+        scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Plan the step the sparse layers are about to run: which of the new tokens to keep ([B, q] bool
         `store`), which are real (`valid`: padding is False), each one's column if generated ([B, q] long, -1 for
         prompt tokens; default: none generated), the attention it received in layer K ([B, q] float; default 0).
         `may_drop=False` promises that every valid new token is stored (no host sync needed for the width).
+        `scores` ([B, q] float; default +inf) are the learned keep log-probabilities a KV budget ranks by: under
+        one (``table.budget``), a sample at its budget stores a new token only in place of its lowest-scored slot,
+        and only if the new token scores higher.
 
         Updates the slot table and returns the key mask [B, keys] (True: visible) for the sparse layers.
         """
@@ -301,17 +312,22 @@ class DynamicLlavaCache(Cache):
             text_columns = torch.full_like(store, -1, dtype=torch.long)
         if attention is None:
             attention = torch.zeros_like(store, dtype=torch.float32)
+        if scores is None:
+            scores = torch.full_like(store, float("inf"), dtype=torch.float32)
         table.end_step()  # a step that failed part-way leaves nothing planned
         past = table.past_width = table.settle()  # after a step that may have dropped a token: the one host sync
         lengths = table.lengths
         if q == 1:
             table.ensure_capacity(past + 1)
-            dest = lengths.unsqueeze(1)
+            dest, grows = lengths.unsqueeze(1), store[:, 0]
+            if table.budget is not None:
+                dest, grows = self._budget_slot(past, store[:, 0], scores[:, 0])
             table.text_columns.scatter_(1, dest, text_columns)
             table.attention.scatter_(1, dest, attention.float())
+            table.scores.scatter_(1, dest, scores.float())
             slots = torch.arange(past + 1, device=store.device).unsqueeze(0)
             mask = (slots < lengths.unsqueeze(1)) | ((slots == dest) & valid)
-            table.lengths = lengths + store[:, 0].long()
+            table.lengths = lengths + grows.long()
             table.dest, table.attend_width, table.pending = dest, past + 1, table.layers
             table.width, table.exact = past + 1, not may_drop
             return mask
@@ -322,12 +338,30 @@ class DynamicLlavaCache(Cache):
         append = torch.where(store, lengths.unsqueeze(1) + rank, torch.full_like(rank, spare))
         table.text_columns.scatter_(1, append, text_columns)
         table.attention.scatter_(1, append, attention.float())
+        table.scores.scatter_(1, append, scores.float())
         table.lengths = lengths + store.sum(dim=1)
         table.append_dest, table.attend_width, table.pending = append, past + q, table.layers
         table.width, table.exact = int(table.lengths.max()), True
         table.text_columns[:, spare] = -1
         table.attention[:, spare] = 0.0
+        table.scores[:, spare] = float("inf")
         return torch.cat([past_valid, valid], dim=1)
+
+    def _budget_slot(self, past: int, stored: torch.Tensor, score: torch.Tensor):
+        """Under a budget, where one new token per sample goes: (dest [B, 1], grows [B]: a slot is added). A sample
+        at its budget puts it in place of its lowest-scored slot if it scores higher, else does not store it."""
+        table = self.table
+        lengths = table.lengths
+        if past > 0:
+            held = table.valid_mask(past)
+            low, low_at = table.scores[:, :past].masked_fill(~held, float("inf")).min(dim=1)
+        else:
+            low, low_at = torch.full_like(score, float("inf")), torch.zeros_like(lengths)
+        full = lengths.to(table.budget.dtype) >= table.budget
+        replace = full & stored & (score > low)
+        grows = stored & ~full
+        dest = torch.where(replace, low_at, lengths).unsqueeze(1)
+        return dest, grows
 
     def sparse_valid_mask(self) -> torch.Tensor | None:
         """[B, T] bool validity of the sparse layers' slots before the step (the keys a new query may see)."""
@@ -367,6 +401,7 @@ class DynamicLlavaCache(Cache):
             layer.keep_slots(order)
         table.text_columns[:, :width] = table.text_columns.gather(1, order)
         table.attention[:, :width] = table.attention.gather(1, order)
+        table.scores[:, :width] = table.scores.gather(1, order)
         table.lengths, table.width, table.exact = lengths, width, True
         return evicted
 
@@ -386,6 +421,58 @@ class DynamicLlavaCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.table.clear()
+
+    # continuous batching: requests join (`concatenate`) and leave (`batch_select_indices`, then `trim_left`)
+    @classmethod
+    def concatenate(cls, caches: list["DynamicLlavaCache"], left_pads: list[int]) -> "DynamicLlavaCache":
+        """One cache holding the rows of `caches` in order, each first left-padded by its `left_pads` columns so
+        that all layers < K have one length (the caller pads the attention masks alike). Generated tokens'
+        columns move with the padding; the sparse layers' slots are unchanged (their buffers grow to one size)."""
+        if not caches or len(caches) != len(left_pads):
+            raise ValueError("concatenate takes one left padding per cache.")
+        first = caches[0]
+        out = cls(len(first.layers), first.sparse_layer)
+        tables = [c.table for c in caches]
+        widths = [t.settle() for t in tables]
+        capacity = max(t.capacity for t in tables)
+
+        def right(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, capacity - t.shape[1]), value=value)
+
+        table = out.table
+        table.lengths = torch.cat([t.lengths for t in tables])
+        columns = [right(t.text_columns, -1) for t in tables]
+        table.text_columns = torch.cat([torch.where(c >= 0, c + pad, c) for c, pad in zip(columns, left_pads)])
+        table.attention = torch.cat([right(t.attention, 0.0) for t in tables])
+        table.scores = torch.cat([right(t.scores, float("inf")) for t in tables])
+        if any(t.budget is not None for t in tables):
+            table.budget = torch.cat([t.budget if t.budget is not None
+                                      else torch.full_like(t.lengths, float("inf"), dtype=torch.float32) for t in tables])
+        table.width, table.exact = max(widths), False
+        for i, layer in enumerate(out.layers):
+            parts = [c.layers[i] for c in caches]
+            if isinstance(layer, SparseLayer):
+                layer.lazy_initialization(parts[0].key_buffer, parts[0].value_buffer)
+                layer.key_buffer = torch.cat([torch.nn.functional.pad(p.key_buffer, (0, 0, 0, capacity - p.key_buffer.shape[2]))
+                                              for p in parts])
+                layer.value_buffer = torch.cat([
+                    torch.nn.functional.pad(p.value_buffer, (0, 0, 0, capacity - p.value_buffer.shape[2])) for p in parts])
+            else:
+                layer.lazy_initialization(parts[0].keys, parts[0].values)
+                layer.keys = torch.cat([torch.nn.functional.pad(p.keys, (0, 0, pad, 0)) for p, pad in zip(parts, left_pads)])
+                layer.values = torch.cat([torch.nn.functional.pad(p.values, (0, 0, pad, 0))
+                                          for p, pad in zip(parts, left_pads)])
+        return out
+
+    def trim_left(self, columns: int) -> None:
+        """Drop the first `columns` columns of layers < K (the caller knows they are padding in every row)."""
+        if columns <= 0:
+            return
+        for layer in self.layers[: self.sparse_layer]:
+            layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
+        text = self.table.text_columns
+        if text is not None:
+            self.table.text_columns = torch.where(text >= 0, text - columns, text)
 
     def layer_lengths(self) -> list[torch.Tensor]:
         """Tokens held per sample in each layer ([B] long tensors); dense layers count their padding too."""

@@ -41,6 +41,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
+from .control import BUDGET, MARGIN, RATE, check_control
 from .losses import balance_mask_gradient
 from .policies import LearnedPolicy, PolicyContext, TextSlots, TokenPolicy, attention_probe
 from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
@@ -61,6 +62,7 @@ class ImageLayout:
     counts: list[int]
     index: torch.Tensor
     valid: torch.Tensor | None
+    seq: int = 0  # N, the tokens per sample of the mask it was built from
 
     @classmethod
     def from_mask(cls, image_token_mask: torch.Tensor, tokens_per_image) -> "ImageLayout":
@@ -72,13 +74,17 @@ class ImageLayout:
             counts = [int(c) for c in tokens_per_image]
         if sum(counts) != flat.numel():
             raise ValueError(f"The prompt has {flat.numel()} image tokens but its images need {sum(counts)}.")
-        width = max(counts)
+        width, seq = max(counts), image_token_mask.shape[1]
         if all(c == width for c in counts):
-            return cls(counts, flat.view(len(counts), width), None)
+            return cls(counts, flat.view(len(counts), width), None, seq)
         columns = torch.arange(width, device=flat.device)
         valid = columns < torch.tensor(counts, device=flat.device).unsqueeze(1)
         starts = torch.tensor([0, *counts[:-1]], device=flat.device).cumsum(0).unsqueeze(1)
-        return cls(counts, flat[torch.where(valid, starts + columns, starts)], valid)  # padding: the first token
+        return cls(counts, flat[torch.where(valid, starts + columns, starts)], valid, seq)  # padding: the first token
+
+    def samples(self) -> list[int]:
+        """The sample each image belongs to (one host sync)."""
+        return (self.index[:, 0] // self.seq).tolist()
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, N, ...] -> [images, T, ...] (padding entries repeat a token of the same image)."""
@@ -94,16 +100,20 @@ class ImageLayout:
             flat[self.index[self.valid]] = values[self.valid].to(out.dtype)
         return out
 
-    def top_share(self, scores: torch.Tensor, rate: float) -> torch.Tensor:
-        """[images, T] bool: each image's top ``max(1, floor(rate * its tokens))`` by `scores` (higher first)."""
-        if self.valid is None:
+    def top_share(self, scores: torch.Tensor, rate) -> torch.Tensor:
+        """[images, T] bool: each image's top ``max(1, floor(rate * its tokens))`` by `scores` (higher first);
+        `rate` is one float for every image or a list with one per image."""
+        if self.valid is None and not isinstance(rate, (list, tuple)):
             n_keep = max(1, math.floor(rate * self.counts[0] + 1e-6))
             return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(n_keep, dim=1).indices, True)
-        k = torch.tensor([max(1, math.floor(rate * c + 1e-6)) for c in self.counts], device=scores.device)
-        order = scores.float().masked_fill(~self.valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        rates = rate if isinstance(rate, (list, tuple)) else [rate] * len(self.counts)
+        k = torch.tensor([max(1, math.floor(r * c + 1e-6)) for r, c in zip(rates, self.counts)], device=scores.device)
+        ranked = scores.float() if self.valid is None else scores.float().masked_fill(~self.valid, float("-inf"))
+        order = ranked.argsort(dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                  .expand_as(order).contiguous())
-        return (ranks < k.unsqueeze(1)) & self.valid
+        chosen = ranks < k.unsqueeze(1)
+        return chosen if self.valid is None else chosen & self.valid
 
 
 @dataclass
@@ -192,6 +202,7 @@ class SparseDecoder:
         output_text_start: int | None = None,
         sparsity_policy: TokenPolicy | None = None,
         sparsity_record: ForwardRecord | None = None,
+        sparsity_control: torch.Tensor | None = None,
         masked_training: bool = False,
         answer_mask: torch.Tensor | None = None,
         gumbel_tau: float = 1.0,
@@ -224,6 +235,9 @@ class SparseDecoder:
                 f"{type(cache).__name__}. Pass none and one is made, or pass DynamicLlavaCache.from_config(config)."
             )
         past = cache.get_seq_length(0) if cache is not None else 0
+        if sparsity_control is not None:
+            check_control(sparsity_control, batch)
+        budgets = self._budgets(sparsity_control, cache, past)  # [B] sparse-layer token budgets, or None
         rope_positions, position_ids = self._positions(position_ids, attention_mask, past, batch, seq,
                                                        inputs_embeds.device)
         mask_positions = self._mask_positions(position_ids)
@@ -256,15 +270,26 @@ class SparseDecoder:
         )
         text_start = self._text_start(seq, past, output_text_start, cache)  # generated text: input[text_start:]
         store = valid.clone()  # tokens the deeper layers keep (and cache)
+        # under a KV budget: each token's learned keep log-probability (+inf: prompt text, never dropped)
+        scores = None if budgets is None else torch.full((batch, seq), float("inf"), device=hidden.device)
         if image_token_mask is not None:
             prompt_end = max((seq if text_start is None else text_start) - 1, 0)
             context = PolicyContext(hidden_before, (cos, sin), valid, image_token_mask, prompt_end, past,
                                     inputs_embeds=inputs_embeds, hidden=hidden)
             store &= self._select_image_tokens(
-                hidden, image_token_mask, tokens_per_image, position_ids, policy, context, record
+                hidden, image_token_mask, tokens_per_image, position_ids, policy, context, record, sparsity_control,
+                scores,
             )
         if text_start is not None:
-            store &= self._select_text_tokens(hidden, text_start, cache is None, position_ids, policy, record)
+            store &= self._select_text_tokens(hidden, text_start, cache is None, position_ids, policy, record,
+                                              sparsity_control, scores)
+        if budgets is not None and seq > 1:
+            if past > 0:
+                raise ValueError("A KV budget is met while decoding one token per step; several new tokens after a "
+                                 "cached prefix are not supported with one (start a new cache, or drop the budget).")
+            store = _fit_budget(store, scores, budgets)
+            if image_token_mask is not None:
+                record.image_kept = (store & image_token_mask).sum(dim=1)
         keep = store.clone()
         keep[:, -1] = True  # the newest token is always computed: its logits are the output
         keep |= ~valid  # padding stays in place (masked), so shapes match the dense model
@@ -302,8 +327,10 @@ class SparseDecoder:
                 received = self._attention_received(cache, hidden_s, (cos_s, sin_s), valid_s, visible)
             # with one new token, only a text decision can leave it out of the cache (a padded step at most
             # overstates the width, which the key mask covers)
-            may_drop = seq_s > 1 or record.text_decided
-            mask_2d = cache.plan_step(store_s, valid_s, text_columns_s, received, may_drop=may_drop)
+            may_drop = seq_s > 1 or record.text_decided or budgets is not None
+            scores_s = None if scores is None or index is None else scores.gather(1, index)
+            mask_2d = cache.plan_step(store_s, valid_s, text_columns_s, received, may_drop=may_drop,
+                                      scores=scores if index is None else scores_s)
         mask_positions = self._mask_positions(pos_s)
         sparse_mask = create_causal_mask(
             config=self.config,
@@ -398,23 +425,59 @@ class SparseDecoder:
             record.text_keep_mean = (key_keep * answer_mask).sum(dim=1) / counts.clamp(min=1)
         return key_keep
 
-    def _select_image_tokens(self, hidden, image_token_mask, tokens_per_image, position_ids, policy, context, record):
-        """[B, N] bool: False for image tokens dropped by the policy (each image keeps its top share)."""
+    def _select_image_tokens(self, hidden, image_token_mask, tokens_per_image, position_ids, policy, context, record,
+                             control=None, scores=None):
+        """[B, N] bool: False for image tokens dropped by the policy (each image keeps its top share, at its
+        sample's rate under per-request `control`). Under a KV budget, `scores` ([B, N]) gets the image tokens'
+        learned keep log-probabilities."""
         batch, seq, width = hidden.shape
         keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
         record.image_tokens = image_token_mask.sum(dim=1)
         record.image_kept = record.image_tokens.clone()
-        rate = policy.image_keep_rate if policy.image_keep_rate is not None else self.sparsity.image_keep_rate
-        if rate >= 1.0 or not bool(image_token_mask.any()):
+        if control is not None:
+            rates = control[:, RATE].tolist()  # at prefill only
+            dense = all(r >= 1.0 for r in rates)
+        else:
+            rate = policy.image_keep_rate if policy.image_keep_rate is not None else self.sparsity.image_keep_rate
+            dense = rate >= 1.0
+        if (dense and scores is None) or not bool(image_token_mask.any()):
             return keep
         layout = ImageLayout.from_mask(image_token_mask, tokens_per_image)
         context.image_layout = layout
-        scores = policy.image_scores(self, layout.gather(hidden), layout.gather(position_ids), context)
-        if scores is None:
+        policy_scores = None if dense else policy.image_scores(self, layout.gather(hidden), layout.gather(position_ids),
+                                                                context)
+        if scores is not None:
+            if isinstance(policy, LearnedPolicy) and policy_scores is not None:
+                learned = policy_scores
+            elif self.image_predictor is not None:
+                learned = keep_log_prob(self.image_predictor(layout.gather(hidden), layout.valid))
+            else:
+                learned = torch.zeros(layout.index.shape, device=hidden.device)
+            scores.copy_(layout.scatter(scores, learned))
+        if policy_scores is None:
             return keep
-        keep = layout.scatter(keep, layout.top_share(scores, rate))
+        share = [rates[s] for s in layout.samples()] if control is not None else rate
+        keep = layout.scatter(keep, layout.top_share(policy_scores, share))
         record.image_kept = (keep & image_token_mask).sum(dim=1)
         return keep
+
+    def _budgets(self, control, cache, past) -> torch.Tensor | None:
+        """[B] sparse-layer token budgets for this step, or None: read from the control at prefill (kept in the
+        cache's slot table for the decode steps, which then need no look at the control)."""
+        if cache is not None and past > 0:
+            if cache.table.budget is not None and control is not None and control.shape[0] != cache.table.budget.shape[0]:
+                raise ValueError("sparsity_control does not match the cache's batch.")
+            return cache.table.budget
+        budgeted = control is not None and bool(torch.isfinite(control[:, BUDGET]).any())  # at prefill only
+        if cache is not None:
+            cache.table.budget = None
+        if not budgeted:
+            return None
+        if cache is None:
+            raise ValueError("A KV budget needs a KV cache: generate with use_cache=True (without a cache nothing is "
+                             "stored; lower text_keep_threshold or image_keep_rate instead).")
+        cache.table.budget = control[:, BUDGET].clone()
+        return cache.table.budget
 
     def _text_start(self, seq, past, output_text_start, cache) -> int | None:
         """Index in this input where generated text begins (generated tokens are a suffix); None: none."""
@@ -425,8 +488,10 @@ class SparseDecoder:
             return 0  # a manual decode step with cache
         return None
 
-    def _select_text_tokens(self, hidden, text_start, recomputing, position_ids, policy, record):
-        """[B, N] bool: False for generated tokens the policy drops as they enter.
+    def _select_text_tokens(self, hidden, text_start, recomputing, position_ids, policy, record, control=None,
+                            scores=None):
+        """[B, N] bool: False for generated tokens the policy drops as they enter (at each sample's threshold
+        under per-request `control`). Under a KV budget, `scores` gets their learned keep log-probabilities.
 
         Recomputing without cache, the newest token is never judged (always kept)."""
         batch, seq, width = hidden.shape
@@ -436,7 +501,17 @@ class SparseDecoder:
         if n_judged <= 0:
             return keep
         record.text_tokens = torch.full((batch,), n_judged, device=hidden.device)
-        decision = policy.text_keep(self, hidden[:, judged].reshape(-1, width), position_ids[:, judged].reshape(-1))
+        rows, row_positions = hidden[:, judged].reshape(-1, width), position_ids[:, judged].reshape(-1)
+        if control is None:
+            decision = policy.text_keep(self, rows, row_positions)
+        else:
+            decision = policy.text_keep(self, rows, row_positions,
+                                        threshold=control[:, MARGIN].repeat_interleave(n_judged))
+        if scores is not None and self.text_predictor is not None:
+            learned = keep_log_prob(self.text_predictor(rows)).view(batch, n_judged)
+            scores[:, judged] = learned.to(scores.dtype)
+        elif scores is not None:
+            scores[:, judged] = 0.0
         record.text_decided = decision is not None
         if decision is not None:
             keep[:, judged] = decision.view(batch, n_judged)
@@ -501,6 +576,17 @@ class SparseDecoder:
             return torch.zeros_like(generated)
         return drop & generated & (ages > 0)
 
+
+
+def _fit_budget(store: torch.Tensor, scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """`store` [B, N] with each sample's lowest-scored stored tokens dropped until it holds at most its budget
+    (tokens scored +inf, prompt text, always stay)."""
+    over = store.sum(dim=1).to(budgets.dtype) - budgets
+    ranked = scores.masked_fill(~store, float("inf"))
+    order = ranked.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                             .expand_as(order).contiguous())
+    return store & ~((ranks < over.unsqueeze(1)) & torch.isfinite(scores))
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

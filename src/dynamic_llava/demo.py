@@ -112,7 +112,7 @@ class LearnedImageRandomTextPolicy(LearnedPolicy):
     def __init__(self, text_keep_rate: float = 0.5, seed: int = 0):
         self._random = RandomPolicy(text_keep_rate=text_keep_rate, seed=seed)
 
-    def text_keep(self, model, hidden, positions):
+    def text_keep(self, model, hidden, positions, threshold=None):
         return self._random.text_keep(model, hidden, positions)
 
 

@@ -98,6 +98,7 @@ class _AnyresSparse(SparseFamilyModel):
                 past_key_values=None, inputs_embeds=None, labels=None, vision_feature_layer=None,
                 vision_feature_select_strategy=None, logits_to_keep=0, output_text_start: int | None = None,
                 sparsity_policy: TokenPolicy | None = None, sparsity_stats: SparsityStats | None = None,
+                sparsity_control=None,
                 mm_encoder_outputs=None, use_cache=None, answer_mask=None, gumbel_tau: float = 1.0,
                 keep_override=None, mask_gradient_scale: float = 1.0, num_items_in_batch=None,
                 pixel_values_videos=None, **kwargs):
@@ -106,6 +107,9 @@ class _AnyresSparse(SparseFamilyModel):
         if pixel_values_videos is not None:
             raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
         past_key_values, past = self._check_call(past_key_values, sparsity_policy, sparsity_stats)
+        if sparsity_control is not None:
+            kwargs["sparsity_control"] = sparsity_control
+        self._take_requests(kwargs, input_ids, attention_mask, sparsity_policy)  # sparsity_requests -> control
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels have shape {list(labels.shape)} but input_ids {list(input_ids.shape)}: one "
                              "label per input token (-100 where no loss is taken).")

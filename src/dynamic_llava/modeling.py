@@ -32,6 +32,7 @@ from .checkpoints import (
     predictor_mismatches,
     stored_predictor_shapes,
 )
+from .control import BUDGET, as_requests, control_tensor
 from .config import SPARSITY_FIELDS, DynamicLlavaConfig, refuse_misspelt_settings
 from .policies import (
     TokenPolicy,
@@ -193,9 +194,47 @@ class SparseGeneration:
             )
         if prompt is not None and kwargs.get("output_text_start") is None:
             kwargs["output_text_start"] = prompt.shape[1]
+        if kwargs.get("sparsity_requests") is not None:
+            config = generation_config if generation_config is not None else self.generation_config
+            new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+            if new_tokens is None and prompt is not None:
+                new_tokens = max(kwargs.get("max_length", config.max_length) - prompt.shape[1], 0)
+            use_cache = kwargs.get("use_cache", config.use_cache)
+            self._take_requests(kwargs, prompt, mask, policy, new_tokens or 0, use_cache is not False)
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise NotImplementedError("Assisted/speculative decoding is not supported by Dynamic-LLaVA (its cache cannot be cropped).")
         return GenerationMixin.generate(self, inputs, generation_config, **kwargs)
+
+    def _take_requests(self, kwargs, input_ids, attention_mask, policy=None, new_tokens: int = 0,
+                       use_cache: bool = True) -> None:
+        """Turn ``kwargs["sparsity_requests"]`` (one `SparsityRequest` per sample, or one for all) into the per-sample
+        ``sparsity_control`` tensor the sparse loop reads, checking the requests against the prompt first."""
+        requests = kwargs.pop("sparsity_requests", None)
+        if requests is None:
+            return
+        if kwargs.get("sparsity_control") is not None:
+            raise ValueError("Pass sparsity_requests or sparsity_control, not both.")
+        if input_ids is None:
+            raise ValueError("sparsity_requests need input_ids (a budget is checked against the prompt's tokens).")
+        batch = input_ids.shape[0]
+        requests = as_requests(requests, batch)
+        budgeted = [i for i, r in enumerate(requests) if r.has_budget]
+        real = attention_mask.sum(dim=1) if attention_mask is not None else torch.full((batch,), input_ids.shape[1])
+        context = (real + new_tokens).tolist()
+        control = control_tensor(self, requests, batch, policy, context, input_ids.device)
+        if budgeted:
+            if not use_cache:
+                raise ValueError("A KV budget needs a KV cache: generate with use_cache=True (without a cache nothing "
+                                 "is stored; lower text_keep_threshold or image_keep_rate instead).")
+            text = (real - (input_ids == self.config.image_token_id).sum(dim=1)).tolist()
+            for i in budgeted:
+                if control[i, BUDGET] < text[i] + 1:
+                    raise ValueError(
+                        f"Sample {i}'s KV budget allows {int(control[i, BUDGET])} tokens per layer >= K, but its prompt "
+                        f"holds {text[i]} text tokens, which are never dropped: allow at least {text[i] + 1} tokens "
+                        "(or the bytes for them), or shorten the prompt."
+                    )
+        kwargs["sparsity_control"] = control
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
         """Refuse, before decoding starts, a generation that would run past the model's context."""
@@ -372,6 +411,7 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
         output_text_start: int | None = None,
         sparsity_policy: TokenPolicy | None = None,
         sparsity_stats: SparsityStats | None = None,
+        sparsity_control: torch.Tensor | None = None,
         answer_mask: torch.Tensor | None = None,
         gumbel_tau: float = 1.0,
         keep_override: torch.Tensor | None = None,
@@ -401,6 +441,9 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
         """
         if mm_encoder_outputs is not None:
             kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+        if sparsity_control is not None:
+            kwargs["sparsity_control"] = sparsity_control
+        self._take_requests(kwargs, input_ids, attention_mask, sparsity_policy)  # sparsity_requests -> control
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             # settings are checked on assignment and in generate(); here once per prompt, not per decode step
             self.config.check_sparsity()

@@ -50,6 +50,7 @@ from .stats import ForwardRecord, SparsityStats
 
 # arguments of the sparse loop that travel through the stock model's **kwargs to its language model
 SPARSE_KWARGS = ("image_token_mask", "tokens_per_image", "output_text_start", "sparsity_policy", "sparsity_record",
+                 "sparsity_control",
                  "masked_training", "answer_mask", "gumbel_tau", "keep_override", "mask_gradient_scale")
 
 
@@ -165,6 +166,7 @@ class _SparseQwenForConditionalGeneration(SparseFamilyModel):
                 labels=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
                 mm_token_type_ids=None, logits_to_keep=0, output_text_start: int | None = None,
                 sparsity_policy: TokenPolicy | None = None, sparsity_stats: SparsityStats | None = None,
+                sparsity_control=None,
                 use_cache=None, mm_encoder_outputs=None, answer_mask=None, gumbel_tau: float = 1.0,
                 keep_override=None, mask_gradient_scale: float = 1.0, num_items_in_batch=None, **kwargs):
         """The stock forward, sparsified; returns a `DynamicLlavaOutput` (logits of the tokens that reached the
@@ -173,6 +175,9 @@ class _SparseQwenForConditionalGeneration(SparseFamilyModel):
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise NotImplementedError(f"Videos are not supported by Dynamic-LLaVA's {self.config.family} yet.")
         past_key_values, past = self._check_call(past_key_values, sparsity_policy, sparsity_stats)
+        if sparsity_control is not None:
+            kwargs["sparsity_control"] = sparsity_control
+        self._take_requests(kwargs, input_ids, attention_mask, sparsity_policy)  # sparsity_requests -> control
         image_token_mask, counts = self._image_tokens(input_ids, pixel_values, image_grid_thw, mm_encoder_outputs,
                                                       past, output_text_start)
         record = ForwardRecord()

@@ -63,7 +63,7 @@ class _KeepProbabilities(LearnedPolicy):
         super().__init__(image_keep_rate=1.0)
         self.seen: list[torch.Tensor] = []
 
-    def text_keep(self, model, hidden, positions):
+    def text_keep(self, model, hidden, positions, threshold=None):
         self.seen.append(keep_log_prob(model.text_predictor(hidden)).exp().flatten())
         return torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
 
@@ -179,14 +179,14 @@ class _ThresholdPolicy(LearnedPolicy):
         super().__init__(image_keep_rate=image_keep_rate)
         self.threshold = threshold
 
-    def text_keep(self, model, hidden, positions):
+    def text_keep(self, model, hidden, positions, threshold=None):
         return keep_log_prob(model.text_predictor(hidden)).exp() > self.threshold
 
 
 class _NoGeneratedText(LearnedPolicy):
     """Layers >= K see no generated token (the control: what the answer's own text adds)."""
 
-    def text_keep(self, model, hidden, positions):
+    def text_keep(self, model, hidden, positions, threshold=None):
         return torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
 
 

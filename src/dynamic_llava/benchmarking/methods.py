@@ -16,7 +16,7 @@ class ForcedTextPolicy(LearnedPolicy):
     text_keep_rate: float = 0.5
     seed: int = 0
 
-    def text_keep(self, model, hidden, positions):
+    def text_keep(self, model, hidden, positions, threshold=None):
         return RandomPolicy(text_keep_rate=self.text_keep_rate, seed=self.seed).text_keep(model, hidden, positions)
 
 

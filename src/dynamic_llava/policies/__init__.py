@@ -6,6 +6,7 @@ questions a policy answers.
 
 from .base import PolicyContext, TextSlots, TokenPolicy, attention_probe, check_policy, layer_keys
 from .cdpruner import CDPrunerPolicy
+from .composed import ComposedPolicy
 from .dart import DARTPolicy
 from .fastv import FastVPolicy
 from .h2o import H2OPolicy
@@ -15,6 +16,7 @@ from .streaming import StreamingLLMPolicy
 
 __all__ = [
     "CDPrunerPolicy",
+    "ComposedPolicy",
     "DARTPolicy",
     "FastVPolicy",
     "H2OPolicy",

@@ -106,8 +106,13 @@ class TokenPolicy:
         `tokens` is the largest and `context.image_layout.valid` marks the padding (its scores are ignored)."""
         return None
 
-    def text_keep(self, model, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """hidden [M, H], positions [M] -> bool [M]: which new generated tokens enter layers >= K."""
+    def text_keep(self, model, hidden: torch.Tensor, positions: torch.Tensor,
+                  threshold: torch.Tensor | None = None) -> torch.Tensor | None:
+        """hidden [M, H], positions [M] -> bool [M]: which new generated tokens enter layers >= K.
+
+        `threshold` ([M] float, from per-request settings; None: the model's own rule) is the keep-minus-drop
+        logit margin a token must exceed: a gate that scores tokens (the learned one) honours it, others ignore it.
+        """
         return None
 
     def text_evict(self, model, slots: TextSlots) -> torch.Tensor | None:

@@ -14,7 +14,8 @@ class LearnedPolicy(TokenPolicy):
     Dynamic Vision-language Context Sparsification", ICLR 2025): the trained predictors decide.
 
     Image tokens are ranked by the image predictor's keep log-probability; a generated token stays
-    iff the output-text predictor's keep logit beats its drop logit. A model without a predictor (or
+    iff the output-text predictor's keep logit beats its drop logit (by a request's margin, when per-request
+    settings give one: `control.SparsityRequest.text_keep_threshold`). A model without a predictor (or
     with ``text_keep_rate`` 1.0) keeps every token of that kind. This is the default policy.
 
     Parameters
@@ -31,11 +32,12 @@ class LearnedPolicy(TokenPolicy):
         valid = context.image_layout.valid if context.image_layout is not None else None
         return keep_log_prob(model.image_predictor(hidden, valid))
 
-    def text_keep(self, model, hidden, positions):
-        if model.text_predictor is None or model.sparsity.text_keep_rate >= 1.0:
+    def text_keep(self, model, hidden, positions, threshold=None):
+        if model.text_predictor is None or (threshold is None and model.sparsity.text_keep_rate >= 1.0):
             return None
         logits = model.text_predictor(hidden)
-        return logits[..., KEEP] > logits[..., 1 - KEEP]
+        margin = logits[..., KEEP] - logits[..., 1 - KEEP]
+        return margin > (0.0 if threshold is None else threshold.to(margin.dtype))
 
 
 __all__ = ["LearnedPolicy"]

@@ -47,7 +47,7 @@ class RandomPolicy(TokenPolicy):
     def image_scores(self, model, hidden, positions, context):
         return _position_hash(positions, self.seed)
 
-    def text_keep(self, model, hidden, positions):
+    def text_keep(self, model, hidden, positions, threshold=None):
         if self.text_keep_rate is None:
             return None
         return _position_hash(positions, self.seed + 1) < self.text_keep_rate
