@@ -20,7 +20,6 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/dynamic-llava demo
 
-# pytest exits with 5 when it collects no test: that is not a failure.
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 

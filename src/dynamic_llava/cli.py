@@ -1,5 +1,5 @@
-"""Command line: `dynamic-llava demo`, `train`, `world`, `bench`, `bench-accuracy`, `costs`, `convert`,
-`eval`, `score` and `version`."""
+"""Command line: `dynamic-llava demo`, `generate`, `chat`, `serve`, `train`, `world`, `bench`, `bench-accuracy`,
+`costs`, `convert`, `eval`, `score` and `version`."""
 
 from __future__ import annotations
 
@@ -548,6 +548,11 @@ def version() -> None:
             return "not installed"
 
     typer.echo(f"dynamic-llava {__version__} (transformers {dist('transformers')}, torch {dist('torch')})")
+
+
+from .serving.commands import register as _register_serving  # noqa: E402  (generate, chat, serve)
+
+_register_serving(app)
 
 
 def main() -> None:
