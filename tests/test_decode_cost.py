@@ -78,3 +78,19 @@ def test_generate_grows_the_buffers_once():
     assert cache.table.capacity == prefill + 1 + new  # the prefill, a spare slot and the reservation: no regrowth
     assert layer.key_buffer.shape[2] == cache.table.capacity
     assert cache.allocated_nbytes() > cache.nbytes()  # room left over, not counted as held
+
+
+@pytest.mark.parametrize("context", [2, 24])
+def test_per_request_settings_keep_the_sync_bound(context):
+    """Per-request control rows (one batch, mixed settings) cost no extra host sync in a decode step."""
+    from dynamic_llava import SparsityRequest
+    from dynamic_llava.control import control_tensor
+
+    model = tiny_dynamic(image_keep_rate=1.0, text_keep_rate=1.0)
+    stock = decode_step_counts(stock_copy(model), context)
+    every = [SparsityRequest(image_keep_rate=1.0, text_keep_threshold=0.0)] * 3
+    mixed = [SparsityRequest(image_keep_rate=0.5), SparsityRequest(text_keep_threshold=0.6, kv_budget_tokens=20),
+             SparsityRequest(kv_budget_tokens=30)]
+    for requests, bound in ((every, stock.host_syncs), (mixed, 2)):
+        counts = decode_step_counts(model, context, sparsity_control=control_tensor(model, requests, 3))
+        assert counts.host_syncs <= bound, (requests, counts.syncs)

@@ -36,11 +36,12 @@ class SlotTable:
         self.layers = layers  # sparse layers that run each step: the plan is cleared after the last one
         self.reserved = 0  # slots to add at the first growth (generate: max_new_tokens)
         self.budget: torch.Tensor | None = None  # [B] float: the most slots each sample may hold (inf: none)
+        self.text_open = False  # per-request settings keep every generated token (the learned gate is skipped)
         self.clear()
 
     def clear(self) -> None:
         """Forget every token (a reset cache); the reservation stays, the budget goes."""
-        self.budget = None
+        self.budget, self.text_open = None, False
         self.lengths: torch.Tensor | None = None  # [B] long: valid slots per sample
         self.text_columns: torch.Tensor | None = None  # [B, capacity] long: column of a generated token, else -1
         self.attention: torch.Tensor | None = None  # [B, capacity] float: attention received in layer K so far
@@ -449,6 +450,7 @@ class DynamicLlavaCache(Cache):
             table.budget = torch.cat([t.budget if t.budget is not None
                                       else torch.full_like(t.lengths, float("inf"), dtype=torch.float32) for t in tables])
         table.width, table.exact = max(widths), False
+        table.text_open = all(t.text_open for t in tables)
         for i, layer in enumerate(out.layers):
             parts = [c.layers[i] for c in caches]
             if isinstance(layer, SparseLayer):

@@ -238,6 +238,7 @@ class SparseDecoder:
         if sparsity_control is not None:
             check_control(sparsity_control, batch)
         budgets = self._budgets(sparsity_control, cache, past)  # [B] sparse-layer token budgets, or None
+        thresholds = self._text_thresholds(sparsity_control, cache, past)  # per-sample text gate, or None
         rope_positions, position_ids = self._positions(position_ids, attention_mask, past, batch, seq,
                                                        inputs_embeds.device)
         mask_positions = self._mask_positions(position_ids)
@@ -282,7 +283,7 @@ class SparseDecoder:
             )
         if text_start is not None:
             store &= self._select_text_tokens(hidden, text_start, cache is None, position_ids, policy, record,
-                                              sparsity_control, scores)
+                                              thresholds, scores)
         if budgets is not None and seq > 1:
             if past > 0:
                 raise ValueError("A KV budget is met while decoding one token per step; several new tokens after a "
@@ -461,6 +462,20 @@ class SparseDecoder:
         record.image_kept = (keep & image_token_mask).sum(dim=1)
         return keep
 
+    def _text_thresholds(self, control, cache, past):
+        """The per-sample text thresholds of `control` ([B] margins), or -inf (a float) when every sample keeps
+        every generated token: the learned gate then does not run at all, and a decode step needs no host sync
+        for it. Decided at prefill (one look at the control) and kept in the cache for the decode steps."""
+        if control is None:
+            return None
+        if cache is not None and past > 0:
+            open_gate = cache.table.text_open
+        else:
+            open_gate = bool(torch.isneginf(control[:, MARGIN]).all())
+            if cache is not None:
+                cache.table.text_open = open_gate
+        return float("-inf") if open_gate else control[:, MARGIN]
+
     def _budgets(self, control, cache, past) -> torch.Tensor | None:
         """[B] sparse-layer token budgets for this step, or None: read from the control at prefill (kept in the
         cache's slot table for the decode steps, which then need no look at the control)."""
@@ -488,10 +503,11 @@ class SparseDecoder:
             return 0  # a manual decode step with cache
         return None
 
-    def _select_text_tokens(self, hidden, text_start, recomputing, position_ids, policy, record, control=None,
+    def _select_text_tokens(self, hidden, text_start, recomputing, position_ids, policy, record, thresholds=None,
                             scores=None):
         """[B, N] bool: False for generated tokens the policy drops as they enter (at each sample's threshold
-        under per-request `control`). Under a KV budget, `scores` gets their learned keep log-probabilities.
+        under per-request settings: `thresholds` [B], or -inf for all). Under a KV budget, `scores` gets their
+        learned keep log-probabilities.
 
         Recomputing without cache, the newest token is never judged (always kept)."""
         batch, seq, width = hidden.shape
@@ -502,11 +518,11 @@ class SparseDecoder:
             return keep
         record.text_tokens = torch.full((batch,), n_judged, device=hidden.device)
         rows, row_positions = hidden[:, judged].reshape(-1, width), position_ids[:, judged].reshape(-1)
-        if control is None:
+        if thresholds is None:
             decision = policy.text_keep(self, rows, row_positions)
         else:
-            decision = policy.text_keep(self, rows, row_positions,
-                                        threshold=control[:, MARGIN].repeat_interleave(n_judged))
+            threshold = thresholds if isinstance(thresholds, float) else thresholds.repeat_interleave(n_judged)
+            decision = policy.text_keep(self, rows, row_positions, threshold=threshold)
         if scores is not None and self.text_predictor is not None:
             learned = keep_log_prob(self.text_predictor(rows)).view(batch, n_judged)
             scores[:, judged] = learned.to(scores.dtype)

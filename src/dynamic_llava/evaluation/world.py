@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..cache import DynamicLlavaCache
+from ..control import control_tensor
 from ..stats import SparsityStats
 from ..world.scenes import question_type
 from .metrics import chrf, exact_match, perplexity
@@ -57,15 +58,17 @@ def batch_inputs(processor, items, image_root: Path, blank: bool = False):
 
 @torch.no_grad()
 def answer_questions(model, processor, items, image_root, batch_size=32, max_new_tokens=80, blank=False,
-                     policy=None, progress=True):
-    """Greedy answers for every item, with per-sample kept tokens and KV bytes."""
+                     policy=None, progress=True, requests=None):
+    """Greedy answers for every item, with per-sample kept tokens and KV bytes. `requests`: one
+    `SparsityRequest` per item (per-request sparsity), or None."""
     results = []
     for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="answering"):
         chunk = items[start : start + batch_size]
         inputs = batch_inputs(processor, chunk, Path(image_root), blank)
         stats = SparsityStats()
+        extra = {} if requests is None else {"sparsity_requests": list(requests[start : start + batch_size])}
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, sparsity_stats=stats,
-                             sparsity_policy=policy, pad_token_id=processor.tokenizer.pad_token_id)
+                             sparsity_policy=policy, pad_token_id=processor.tokenizer.pad_token_id, **extra)
         texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         per_layer_tokens = torch.stack(stats.kv_lengths).sum(dim=0) if stats.kv_lengths else None
         for i, (item, text) in enumerate(zip(chunk, texts)):
@@ -81,18 +84,20 @@ def answer_questions(model, processor, items, image_root, batch_size=32, max_new
 
 @torch.no_grad()
 def answer_perplexity(model, processor, items, image_root, batch_size=16, policy=None, progress=True,
-                      stats: list | None = None, after: str | None = None) -> float:
+                      stats: list | None = None, after: str | None = None, requests=None) -> float:
     """Perplexity of the reference answers under teacher forcing, decoding with the KV cache (the
     output-text predictor decides, token by token, which answer tokens stay in layers >= K).
     Pass a list as `stats` to receive one `SparsityStats` per batch (tokens kept, evicted, KV held).
-    With `after`, only the tokens that follow that text in each answer are scored (all are fed)."""
-    whole, tail = answer_perplexities(model, processor, items, image_root, batch_size, policy, progress, stats, after)
+    With `after`, only the tokens that follow that text in each answer are scored (all are fed). `requests`: one
+    `SparsityRequest` per item, or None."""
+    whole, tail = answer_perplexities(model, processor, items, image_root, batch_size, policy, progress, stats, after,
+                                      requests)
     return whole if after is None else tail
 
 
 @torch.no_grad()
 def answer_perplexities(model, processor, items, image_root, batch_size=16, policy=None, progress=True,
-                        stats: list | None = None, after: str | None = None) -> tuple[float, float]:
+                        stats: list | None = None, after: str | None = None, requests=None) -> tuple[float, float]:
     """(perplexity of every answer token, perplexity of the tokens after `after`) from one teacher-forced pass;
     see `answer_perplexity`."""
     sums = torch.zeros(2, dtype=torch.float64)  # nll of all answer tokens, of those after `after`
@@ -116,8 +121,10 @@ def answer_perplexities(model, processor, items, image_root, batch_size=16, poli
         batch_stats = SparsityStats()
         if stats is not None:
             stats.append(batch_stats)
+        control = None if requests is None else control_tensor(model, list(requests[start : start + batch_size]),
+                                                              len(chunk), policy)
         out = model(**inputs, past_key_values=cache, use_cache=True, output_text_start=prompt_length,
-                    sparsity_policy=policy, logits_to_keep=1, sparsity_stats=batch_stats)
+                    sparsity_policy=policy, logits_to_keep=1, sparsity_stats=batch_stats, sparsity_control=control)
         nll = torch.zeros(len(chunk), length, dtype=torch.float64)
         for step in range(length):
             logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -128,7 +135,7 @@ def answer_perplexities(model, processor, items, image_root, batch_size=16, poli
             position = (mask.sum(dim=1, keepdim=True) - 1)
             out = model(input_ids=targets[:, step : step + 1], attention_mask=mask, position_ids=position,
                         past_key_values=cache, use_cache=True, output_text_start=prompt_length,
-                        sparsity_policy=policy, sparsity_stats=batch_stats)
+                        sparsity_policy=policy, sparsity_stats=batch_stats, sparsity_control=control)
         sums += (nll.unsqueeze(0) * valid).sum(dim=(1, 2))
         counts += valid.sum(dim=(1, 2))
     return perplexity(float(sums[0]), int(counts[0])), perplexity(float(sums[1]), int(counts[1]))

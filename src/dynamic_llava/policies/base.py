@@ -110,8 +110,9 @@ class TokenPolicy:
                   threshold: torch.Tensor | None = None) -> torch.Tensor | None:
         """hidden [M, H], positions [M] -> bool [M]: which new generated tokens enter layers >= K.
 
-        `threshold` ([M] float, from per-request settings; None: the model's own rule) is the keep-minus-drop
-        logit margin a token must exceed: a gate that scores tokens (the learned one) honours it, others ignore it.
+        `threshold` ([M] float, from per-request settings, or the float -inf when every request keeps every token;
+        None: the model's own rule) is the keep-minus-drop logit margin a token must exceed: a gate that scores
+        tokens (the learned one) honours it, others ignore it.
         """
         return None
 

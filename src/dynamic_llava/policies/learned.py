@@ -35,6 +35,8 @@ class LearnedPolicy(TokenPolicy):
     def text_keep(self, model, hidden, positions, threshold=None):
         if model.text_predictor is None or (threshold is None and model.sparsity.text_keep_rate >= 1.0):
             return None
+        if isinstance(threshold, float) and threshold == float("-inf"):  # every request keeps every token
+            return None
         logits = model.text_predictor(hidden)
         margin = logits[..., KEEP] - logits[..., 1 - KEEP]
         return margin > (0.0 if threshold is None else threshold.to(margin.dtype))
