@@ -87,6 +87,34 @@ def test_continuous_batching_equals_one_by_one_as_requests_join_and_leave(monkey
         assert job.tokens == solo(model, job, engine.stop_ids), job.request
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_continuous_batching_qwen_equals_one_by_one(family):
+    """Multimodal RoPE: each request decodes at its own positions (its image offset), text-only ones too."""
+    from dynamic_llava.serving.batching import Job, Scheduler
+    from tiny_qwen import make_batch, one, tiny_pair
+
+    model, _ = tiny_pair(family)
+    prompts = [[("text", 3), ("image", (4, 8)), ("text", 2)], [("text", 6)], [("text", 5), ("image", (8, 8)), ("text", 1)],
+               [("text", 2), ("image", (4, 4)), ("text", 4), ("image", (4, 8))]]
+    batch = make_batch(prompts, seed=3)
+    scheduler = Scheduler(model, pad_token_id=0, max_batch_size=2)
+    jobs, references = [], []
+    for i in range(len(prompts)):
+        alone = one(batch, i, prompts)
+        request = SparsityRequest(**SETTINGS[i % len(SETTINGS)])
+        images = {k: alone[k] for k in ("pixel_values", "image_grid_thw") if k in alone}
+        job = Job(input_ids=alone["input_ids"][0], image_inputs=images,
+                  token_inputs={"mm_token_type_ids": alone["mm_token_type_ids"][0]}, request=request,
+                  max_new_tokens=[6, 9, 4, 8][i])
+        jobs.append(job)
+        with torch.no_grad():
+            out = model.generate(**alone, max_new_tokens=job.max_new_tokens, do_sample=False, sparsity_requests=request)
+        references.append(out[0, alone["input_ids"].shape[1]:].tolist())
+    scheduler.run_until_done(jobs)  # batch of 2: the later ones join as the first ones leave
+    for job, reference in zip(jobs, references):
+        assert job.error is None and job.tokens == reference[: len(job.tokens)] and len(job.tokens) == job.max_new_tokens
+
+
 def test_cache_concatenate_keeps_each_row():
     """Two caches joined side by side hold each row's K/V, the shorter one left-padded."""
     model = tiny_dynamic()

@@ -37,6 +37,7 @@ class Job:
     image_inputs: dict  # the processor's other outputs for this request alone (pixel_values, image_sizes, ...)
     request: SparsityRequest  # budgets in tokens (a byte budget is converted when the job is prepared)
     max_new_tokens: int
+    token_inputs: dict = field(default_factory=dict)  # per-token inputs beside the ids ([n]: mm_token_type_ids)
     policy: object = None  # a TokenPolicy, or None for the learned one
     policy_key: str = "learned"
     temperature: float = 0.0
@@ -63,6 +64,7 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
     _generator: torch.Generator | None = None
+    _position_offset: int = 0  # multimodal RoPE: its positions run ahead of its token count by this much
 
     @property
     def done(self) -> bool:
@@ -94,6 +96,7 @@ class RunningBatch:
 
     def __init__(self, model, policy, pad_token_id: int):
         self.model, self.policy, self.pad = model, policy, pad_token_id
+        self.mrope = hasattr(model.model, "get_rope_index")  # Qwen-VL: three position rows, offset by images
         self.jobs: list[Job] = []
         self.cache: DynamicLlavaCache | None = None
         self.mask: torch.Tensor | None = None  # [B, T] long, the padding mask of layers < K
@@ -121,14 +124,27 @@ class RunningBatch:
         for row, job in enumerate(jobs):
             n = job.input_ids.numel()
             ids[row, width - n :], mask[row, width - n :] = job.input_ids, 1
+        token_inputs = {}
+        for key in sorted({k for j in jobs for k in j.token_inputs}):
+            value = torch.zeros(len(jobs), width, dtype=torch.long)
+            for row, job in enumerate(jobs):
+                n = job.input_ids.numel()
+                value[row, width - n :] = job.token_inputs[key]
+            token_inputs[key] = value.to(device)
         ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         image_inputs = _collate([j.image_inputs for j in jobs], device, self.model.dtype)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        if self.mrope and image_inputs:
+            positions = None  # the stock model computes the multimodal positions (and each row's offset)
+            self.model.model.rope_deltas = None
         cache = DynamicLlavaCache.from_config(self.model.config)
         cache.reserve(max(j.max_new_tokens for j in jobs))
         control = control_tensor(self.model, [j.request for j in jobs], len(jobs), self.policy, device=device)
         out, stats = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                   sparsity_control=control, **image_inputs)
+                                   sparsity_control=control, **image_inputs, **token_inputs)
+        if self.mrope and positions is None:
+            for job, offset in zip(jobs, self.model.model.rope_deltas.view(-1).tolist()):
+                job._position_offset = int(offset)
         image_tokens = stats.image_tokens.tolist() if stats.image_tokens is not None else [0] * len(jobs)
         image_kept = stats.image_tokens_kept.tolist() if stats.image_tokens_kept is not None else image_tokens
         for row, job in enumerate(jobs):
@@ -153,6 +169,9 @@ class RunningBatch:
         """One decode step for every job in the batch."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.jobs), 1)], dim=1)
         positions = self.mask.sum(dim=1, keepdim=True) - 1
+        if self.mrope:  # the same position in all three rows, ahead by each request's image offset
+            offsets = torch.tensor([j._position_offset for j in self.jobs], device=positions.device).unsqueeze(1)
+            positions = (positions + offsets).unsqueeze(0).expand(3, -1, -1)
         out, stats = self._forward(input_ids=self.last, attention_mask=self.mask, position_ids=positions,
                                    past_key_values=self.cache, sparsity_control=self.control)
         self.cache = out.past_key_values

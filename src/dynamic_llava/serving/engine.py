@@ -23,7 +23,8 @@ from .messages import ImageLimits, RequestError, to_chat
 
 POLICIES = {"learned": LearnedPolicy, "fastv": FastVPolicy, "cdpruner": CDPrunerPolicy, "dart": DARTPolicy,
             "random": RandomPolicy, "streamingllm": StreamingLLMPolicy, "h2o": H2OPolicy}
-SERVED_FAMILIES = ("llava", "llava_next", "llava_onevision")  # one position per token: continuous batching works
+SERVED_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TOKEN_INPUTS = ("mm_token_type_ids",)  # processor outputs aligned with the tokens (padded with them)
 
 
 @dataclass
@@ -65,8 +66,7 @@ class Engine:
         family = model.config.model_type.removeprefix("dynamic_")
         if family not in SERVED_FAMILIES:
             raise ValueError(
-                f"Serving supports {', '.join(SERVED_FAMILIES)} checkpoints (continuous batching feeds each request "
-                f"its own position); this one is {family!r}: use dynamic_llava.from_pretrained(...).generate() for it."
+                f"Serving supports {', '.join(SERVED_FAMILIES)} checkpoints; this one is {family!r}."
             )
         self.model, self.processor, self.model_id = model, processor, model_id
         self.controller = controller or SparsityController()
@@ -137,6 +137,7 @@ class Engine:
             raise RequestError(f"The processor could not read this request: {error}") from None
         ids = inputs.pop("input_ids")[0]
         inputs.pop("attention_mask", None)
+        token_inputs = {k: inputs.pop(k)[0] for k in TOKEN_INPUTS if k in inputs}
         if ids.numel() > self.max_prompt_tokens:
             raise RequestError(f"The prompt has {ids.numel()} tokens (images included), more than this server's "
                                f"{self.max_prompt_tokens}: shorten it or send fewer / smaller images.",
@@ -161,7 +162,8 @@ class Engine:
                 raise RequestError(f"The KV budget allows {int(tokens)} tokens per layer >= K, but the prompt holds "
                                    f"{text} text tokens, which are never dropped: allow at least {text + 1}.",
                                    param="sparsity")
-        job = Job(input_ids=ids, image_inputs=dict(inputs), request=request, max_new_tokens=max_new_tokens,
+        job = Job(input_ids=ids, image_inputs=dict(inputs), token_inputs=token_inputs, request=request,
+                  max_new_tokens=max_new_tokens,
                   policy=token_policy, policy_key=policy_key(token_policy), temperature=float(temperature),
                   top_p=float(top_p), seed=seed, stop_ids=self.stop_ids,
                   should_stop=self._stop_strings(stops) if stops else None)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..costs import kv_bytes_per_token
+from ..control import SparsityRequest
 from ..evaluation import answer_questions, exact_match, first_turns
 from ..evaluation.world import listing_correct
 from ..modeling import DynamicLlavaForConditionalGeneration
@@ -50,8 +51,6 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
     `image_keep_rate` overrides the Dynamic-LLaVA model's own (None: keep it)."""
     console = console or Console()
     dense, dynamic, processor = load_pair(checkpoints)
-    if image_keep_rate is not None:
-        dynamic.config.image_keep_rate = image_keep_rate
     text = dynamic.config.text_config
     bytes_per_token = kv_bytes_per_token(text, dtype_bytes=4)  # K and V, fp32, one layer
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,8 +58,11 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
         runs = {}
         for name, model in (("dense", dense), ("Dynamic-LLaVA", dynamic)):
             started = time.time()
+            requests = None  # the Dynamic-LLaVA model's own rate, or the one asked for, per request (config untouched)
+            if image_keep_rate is not None and model is dynamic:
+                requests = [SparsityRequest(image_keep_rate=image_keep_rate)] * len(items)
             runs[name] = answer_questions(model, processor, items, Path(tmp) / "images", batch_size=32,
-                                          max_new_tokens=90, progress=show)
+                                          max_new_tokens=90, progress=show, requests=requests)
             runs[name + " seconds"] = time.time() - started
     result = {"samples": samples, "accuracy": {}, "image_tokens_kept": {}, "generated_kept_share": {}, "kv_bytes": {}}
     for name in ("dense", "Dynamic-LLaVA"):
