@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-engine bench-decode bench-formats world
+.PHONY: install demo test bench bench-engine bench-decode bench-formats bench-serve bench-kv world
 
 install: $(STAMP)
 
@@ -43,3 +43,12 @@ bench-formats: install
 # Rebuild the synthetic world from nothing: data, the tiny dense LLaVA, its Dynamic-LLaVA, the report.
 world: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dynamic-llava world --output checkpoints --work runs/world
+
+# 240 concurrent chat requests through `dynamic-llava serve`, each answer checked against its one-by-one answer.
+bench-serve: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_load.py --requests 240 --concurrency 16 --output results/serve_load.json
+
+# KV budgets at equal bytes: Dynamic-LLaVA's learned budget vs H2O and StreamingLLM, on the world model.
+bench-kv: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/kv_budget.py --seed 0 --output results/kv_budget_seed0.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/kv_budget.py --seed 1000 --output results/kv_budget_seed1000.json

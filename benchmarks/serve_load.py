@@ -2,9 +2,9 @@
 
 Starts the server on 127.0.0.1 (the shipped world model, in this process), sends REQUESTS chat requests from
 CONCURRENCY threads with the official `openai` client (questions about fresh scenes, mixed per-request sparsity),
-then answers each request again alone with `generate()` and compares. Run twice: "dense" (every request keeps
-every token) and "Dynamic" (mixed settings). Reports lost and mixed-up answers, p50 / p99 latency, throughput
-and the peak K/V the running batches held.
+then answers each request again alone with `generate()` and compares. Runs "dense" (every request keeps every
+token) and "Dynamic" (mixed settings) in turn, `--repeats` times each. Reports lost and mixed-up answers (summed
+over the runs), and the medians of p50 / p99 latency, throughput and the peak K/V the running batches held.
 
     python benchmarks/serve_load.py --requests 200 --concurrency 16 --output results/serve_load.json
 """
@@ -130,11 +130,22 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each (medians reported; lost / mixed summed)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [run(label, args.checkpoint, make_requests(args.requests, args.seed, settings), args.concurrency,
-                args.max_batch_size) for label, settings in (("dense", DENSE), ("Dynamic", DYNAMIC))]
+    runs = {"dense": [], "Dynamic": []}
+    for _ in range(args.repeats):  # alternate the two, so that drift on a shared machine hits both alike
+        for label, settings in (("dense", DENSE), ("Dynamic", DYNAMIC)):
+            runs[label].append(run(label, args.checkpoint, make_requests(args.requests, args.seed, settings),
+                                   args.concurrency, args.max_batch_size))
+    rows = []
+    for label, repeats in runs.items():
+        row = {k: statistics.median(r[k] for r in repeats) if isinstance(repeats[0][k], float) else repeats[0][k]
+               for k in repeats[0]}
+        row.update(lost=sum(r["lost"] for r in repeats), mixed_up=sum(r["mixed_up"] for r in repeats),
+                   repeats=len(repeats), requests_per_s_all=[r["requests_per_s"] for r in repeats])
+        rows.append(row)
     print(f"{'':8} {'requests':>8} {'lost':>5} {'mixed':>6} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
           f"{'peak KV MiB':>12} {'KV/request KiB':>15} {'dense KiB':>10}")
     for r in rows:

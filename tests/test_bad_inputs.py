@@ -625,7 +625,13 @@ CLI_CASES = [
         lambda env: ["bench-accuracy", "--checkpoint", str(env.model_dir), "--output", str(env.root / "a-file.txt")],
         "is a file",
     ),
-    ("unknown command", lambda env: ["serve"], "No such command 'serve'"),
+    ("unknown command", lambda env: ["deploy"], "No such command 'deploy'"),
+    ("serve without a model", lambda env: ["serve"], "Missing argument 'model'"),
+    ("serve a missing folder", lambda env: ["serve", str(env.root / "nowhere")], "is not a checkpoint folder"),
+    ("serve on a bad port", lambda env: ["serve", str(env.model_dir), "--port", "70000"], "--port"),
+    ("generate without a prompt", lambda env: ["generate", str(env.model_dir)], "Missing option '--prompt'"),
+    ("generate a bad budget", lambda env: ["generate", str(env.model_dir), "-p", "hi", "--kv-budget-tokens", "0"],
+     "kv_budget_tokens=0"),
 ]
 
 

@@ -270,6 +270,41 @@ def test_server_mixes_concurrent_requests_without_mixing_them_up(server):
     assert together == alone
 
 
+def test_server_runs_requests_with_different_policies_side_by_side(server):
+    engine, client, _ = server
+    policies = ["learned", {"name": "streamingllm", "window": 4}, {"name": "h2o", "heavy": 2, "recent": 3}, "fastv"]
+    asks = [(scene_message(30 + i, ["describe", "list"][i % 2])[0], policies[i % len(policies)]) for i in range(8)]
+
+    def ask(item):
+        messages, policy = item
+        return client.chat.completions.create(model="tiny-dynamic-llava", messages=messages, max_tokens=24,
+                                              extra_body={"policy": policy}).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(ask, asks))
+    alone = [solo_text(engine, engine.prepare(messages, policy=policy, max_new_tokens=24)) for messages, policy in asks]
+    assert together == alone
+
+
+def test_server_drops_a_stream_the_client_left(server):
+    import json
+    import urllib.request
+
+    engine, client, port = server
+    before = dict(engine.scheduler.finished)
+    messages, _ = scene_message(5, "describe")
+    stream = client.chat.completions.create(model="tiny-dynamic-llava", messages=messages, max_tokens=90,
+                                            stream=True, extra_body={"sparsity": {"text_keep_threshold": 0.0}})
+    next(iter(stream))
+    stream.close()  # the client goes away after the first chunk
+    deadline = time.monotonic() + 20
+    while engine.scheduler.finished["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        health = json.loads(response.read())
+    assert health["finished"]["cancelled"] == before["cancelled"] + 1 and health["running"] == 0
+
+
 @pytest.mark.parametrize("body, status, message", [
     (dict(model="gpt-4o"), 404, "does not exist here"),
     (dict(extra_body={"sparsity": {"image_keep_rate": 3}}), 400, "image_keep_rate"),

@@ -271,6 +271,7 @@ class Scheduler:
         self.batches: dict[str, RunningBatch] = {}
         self.kv_in_use = 0  # worst-case bytes of the admitted jobs
         self.peak_kv_bytes = 0  # the most K/V bytes the running batches held at once (measured after each step)
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # jobs ended, by reason
         self._wake = threading.Condition()
         self._stopping = False
 
@@ -291,6 +292,7 @@ class Scheduler:
                 if job.cancelled:
                     self.waiting.popleft()
                     job.finish_reason, job.finished_at = "cancelled", time.monotonic()
+                    self.finished["cancelled"] += 1
                     if job.on_done is not None:
                         job.on_done(job)
                     continue
@@ -305,6 +307,7 @@ class Scheduler:
 
     def _release(self, job: Job) -> None:
         self.kv_in_use -= job.worst_kv_bytes
+        self.finished[job.finish_reason] = self.finished.get(job.finish_reason, 0) + 1
 
     def step(self) -> bool:
         """Admit what fits, then one decode step for each running batch; False when there was nothing to do."""

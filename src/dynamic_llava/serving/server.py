@@ -87,7 +87,7 @@ def create_app(engine: Engine, max_waiting: int = 256, shutdown_grace_s: float =
         return {"status": "closing" if state["closing"] else "ok", "model": engine.model_id,
                 "running": scheduler.running, "waiting": len(scheduler.waiting),
                 "kv_reserved_bytes": scheduler.kv_in_use, "kv_budget_bytes": scheduler.kv_budget_bytes,
-                "peak_kv_bytes": scheduler.peak_kv_bytes}
+                "peak_kv_bytes": scheduler.peak_kv_bytes, "finished": dict(scheduler.finished)}
 
     @app.get("/v1/models")
     async def models():
