@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-engine bench-decode bench-formats bench-serve bench-kv world
+.PHONY: install demo test bench bench-engine bench-decode bench-formats bench-prefill bench-serve bench-kv world
 
 install: $(STAMP)
 
@@ -43,6 +43,13 @@ bench-formats: install
 # Rebuild the synthetic world from nothing: data, the tiny dense LLaVA, its Dynamic-LLaVA, the report.
 world: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dynamic-llava world --output checkpoints --work runs/world
+
+# Prefill of the stock class vs ours, 7B-wide decoders with 8 layers (LLaVA and Qwen2-VL shapes), with the FLOPs ideal.
+bench-prefill: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/prefill_vs_stock.py --family llava --hidden 4096 --heads 32 --kv-heads 32 \
+		--intermediate 11008 --layers 8 --output results/prefill_vs_stock_llava.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/prefill_vs_stock.py --family qwen2_vl --hidden 3584 --heads 28 --kv-heads 4 \
+		--intermediate 18944 --layers 8 --output results/prefill_vs_stock_qwen2_vl.json
 
 # 240 concurrent chat requests through `dynamic-llava serve`, each answer checked against its one-by-one answer.
 bench-serve: install
