@@ -94,3 +94,28 @@ def test_per_request_settings_keep_the_sync_bound(context):
     for requests, bound in ((every, stock.host_syncs), (mixed, 2)):
         counts = decode_step_counts(model, context, sparsity_control=control_tensor(model, requests, 3))
         assert counts.host_syncs <= bound, (requests, counts.syncs)
+
+
+def test_batch_one_keep_all_decode_skips_the_sparse_mask_and_equals_stock():
+    """No padding and nothing dropped: layers >= K attend without a mask, as stock's do, with stock's logits."""
+    from unittest import mock
+
+    import dynamic_llava.decoder as decoder
+
+    model = tiny_dynamic(image_keep_rate=1.0, text_keep_rate=1.0)
+    stock = stock_copy(model)
+    ids, mask, pixels = make_prompts([5], [3], seed=4)
+    cache = DynamicLlavaCache.from_config(model.config)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache, use_cache=True)
+        theirs = stock(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+        stock_cache, token = theirs.past_key_values, theirs.logits[:, -1:].argmax(-1)
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            with mock.patch.object(decoder, "create_causal_mask", wraps=decoder.create_causal_mask) as masks:
+                ours = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            theirs = stock(input_ids=token, attention_mask=mask, past_key_values=stock_cache, use_cache=True)
+            assert masks.call_count == 1  # the full layers' mask only
+            torch.testing.assert_close(ours.logits[:, -1], theirs.logits[:, -1], atol=1e-5, rtol=0)
+            token = theirs.logits[:, -1:].argmax(-1)
+    assert cache.table.complete

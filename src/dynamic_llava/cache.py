@@ -48,6 +48,7 @@ class SlotTable:
         self.scores: torch.Tensor | None = None  # [B, capacity] float: learned keep log-prob (+inf: never evicted)
         self.width = 0  # slots in use: >= every sample's length (equal after a host sync)
         self.exact = True  # whether `width` is known to be the longest sample's length (else: an upper bound)
+        self.complete = True  # every sample stored every token it was given, no padding: slot j is token j
         self.end_step()
 
     def end_step(self) -> None:
@@ -77,7 +78,7 @@ class SlotTable:
         self.text_columns = torch.full((batch, 0), -1, dtype=torch.long, device=device)
         self.attention = torch.zeros(batch, 0, dtype=torch.float32, device=device)
         self.scores = torch.zeros(batch, 0, dtype=torch.float32, device=device)
-        self.width, self.exact = 0, True
+        self.width, self.exact, self.complete = 0, True, True
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the side state to hold ``needed`` slots (layers grow their buffers to match on their next write)."""
@@ -331,6 +332,7 @@ class DynamicLlavaCache(Cache):
             table.lengths = lengths + grows.long()
             table.dest, table.attend_width, table.pending = dest, past + 1, table.layers
             table.width, table.exact = past + 1, not may_drop
+            table.complete = table.complete and not may_drop and table.budget is None
             return mask
         table.ensure_capacity(past + q + 1)
         past_valid = table.valid_mask(past)  # before the new tokens count
@@ -342,7 +344,9 @@ class DynamicLlavaCache(Cache):
         table.scores.scatter_(1, append, scores.float())
         table.lengths = lengths + store.sum(dim=1)
         table.append_dest, table.attend_width, table.pending = append, past + q, table.layers
-        table.width, table.exact = int(table.lengths.max()), True
+        width, stored_all = torch.stack([table.lengths.max(), (store | ~valid).all().long() * valid.all().long()]).tolist()
+        table.width, table.exact = int(width), True  # one host sync for both
+        table.complete = table.complete and bool(stored_all)
         table.text_columns[:, spare] = -1
         table.attention[:, spare] = 0.0
         table.scores[:, spare] = float("inf")
@@ -404,6 +408,7 @@ class DynamicLlavaCache(Cache):
         table.attention[:, :width] = table.attention.gather(1, order)
         table.scores[:, :width] = table.scores.gather(1, order)
         table.lengths, table.width, table.exact = lengths, width, True
+        table.complete = False
         return evicted
 
     # batch-dimension operations of `generate()`: the shared table once, then each layer
@@ -449,7 +454,7 @@ class DynamicLlavaCache(Cache):
         if any(t.budget is not None for t in tables):
             table.budget = torch.cat([t.budget if t.budget is not None
                                       else torch.full_like(t.lengths, float("inf"), dtype=torch.float32) for t in tables])
-        table.width, table.exact = max(widths), False
+        table.width, table.exact, table.complete = max(widths), False, False
         table.text_open = all(t.text_open for t in tables)
         for i, layer in enumerate(out.layers):
             parts = [c.layers[i] for c in caches]

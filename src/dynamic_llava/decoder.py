@@ -333,16 +333,21 @@ class SparseDecoder:
             mask_2d = cache.plan_step(store_s, valid_s, text_columns_s, received, may_drop=may_drop,
                                       scores=scores if index is None else scores_s)
         mask_positions = self._mask_positions(pos_s)
-        sparse_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_s,
-            attention_mask=mask_2d,
-            past_key_values=cache,
-            position_ids=mask_positions,
-            layer_idx=k_layer,
-            and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - seq_s),
-            allow_is_causal_skip=seq_s > 1,  # decoding: the slot mask always matters, and checking it would sync
-        )
+        if seq_s == 1 and full_mask is None and visible is None and cache is not None and cache.table.complete:
+            # one new token, no padding anywhere (the full mask was skipped) and every token ever seen stored:
+            # the sparse layers see every slot, as the full layers do, so they need no mask either
+            sparse_mask = None
+        else:
+            sparse_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden_s,
+                attention_mask=mask_2d,
+                past_key_values=cache,
+                position_ids=mask_positions,
+                layer_idx=k_layer,
+                and_mask_function=None if visible is None else _visibility_function(visible, mask_2d.shape[1] - seq_s),
+                allow_is_causal_skip=seq_s > 1,  # decoding: the slot mask always matters, and checking it would sync
+            )
         for i, layer in enumerate(self.layers[k_layer:], start=k_layer):
             hidden_s = layer(
                 hidden_s, attention_mask=sparse_mask, position_embeddings=(cos_s, sin_s), position_ids=mask_positions,
