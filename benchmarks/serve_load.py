@@ -15,9 +15,7 @@ import argparse
 import base64
 import io
 import json
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import openai
 import torch
-import uvicorn
 
 from dynamic_llava import SparsityController
 from dynamic_llava.serving import Engine, Limits
-from dynamic_llava.serving.server import create_app
+from dynamic_llava.serving.server import BackgroundServer
 from dynamic_llava.world.scenes import render, sample_turn
 
 KINDS = ["count", "exist", "color", "shape", "position", "describe", "list"]
@@ -56,38 +53,24 @@ def make_requests(count: int, seed: int, settings: list[dict]) -> list[dict]:
     return out
 
 
-def start(engine: Engine):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_waiting=1024), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, port
-
-
 def run(label: str, checkpoint: str, requests: list[dict], concurrency: int, batch: int) -> dict:
     engine = Engine.load(checkpoint, limits=Limits(max_batch_size=batch, max_new_tokens=128, request_timeout_s=600),
                          controller=SparsityController(kv_budget_bytes=256 * 2**20))
-    server, thread, port = start(engine)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    with BackgroundServer(engine, max_waiting=1024) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=600)
 
-    def ask(item):
-        started = time.perf_counter()
-        reply = client.chat.completions.create(model=engine.model_id, messages=item["messages"],
-                                               max_tokens=item["max_tokens"], extra_body={"sparsity": item["sparsity"]})
-        return reply, time.perf_counter() - started
+        def ask(item):
+            started = time.perf_counter()
+            reply = client.chat.completions.create(model=engine.model_id, messages=item["messages"],
+                                                   max_tokens=item["max_tokens"],
+                                                   extra_body={"sparsity": item["sparsity"]})
+            return reply, time.perf_counter() - started
 
-    began = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(lambda item: _safe(ask, item), requests))
-    wall = time.perf_counter() - began
-    peak = engine.scheduler.peak_kv_bytes
-    server.should_exit = True
-    thread.join(timeout=60)
+        began = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            results = list(pool.map(lambda item: _safe(ask, item), requests))
+        wall = time.perf_counter() - began
+        peak = engine.scheduler.peak_kv_bytes
 
     lost = sum(1 for r in results if r[0] is None)
     mixed = 0

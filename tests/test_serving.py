@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,14 +13,13 @@ import numpy as np
 import openai
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from typer.testing import CliRunner
 
 from dynamic_llava import DynamicLlavaCache, SparsityController, SparsityRequest
 from dynamic_llava.cli import app
 from dynamic_llava.serving import Engine, ImageLimits, Limits, RequestError
-from dynamic_llava.serving.server import create_app
+from dynamic_llava.serving.server import BackgroundServer, create_app
 from dynamic_llava.world.scenes import render, sample_turn
 from tiny import make_prompts, tiny_dynamic
 from tiny_processor import tiny_processor
@@ -203,22 +200,9 @@ def server():
     engine = Engine.load(str(WORLD), limits=Limits(max_batch_size=4, max_new_tokens=96, request_timeout_s=60,
                                                    images=ImageLimits(max_images=2)),
                          controller=SparsityController(kv_budget_bytes=64 * 2**20))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    instance = uvicorn.Server(uvicorn.Config(create_app(engine, max_waiting=64), host="127.0.0.1", port=port,
-                                             log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield engine, client, port
-    instance.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "the server did not stop"
+    with BackgroundServer(engine, max_waiting=64) as running:  # leaving it stops the server, or raises
+        client = openai.OpenAI(base_url=running.url, api_key="unused", max_retries=0, timeout=60)
+        yield engine, client, running.port
 
 
 def scene_message(seed: int, kind: str):

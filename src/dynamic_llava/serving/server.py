@@ -190,6 +190,40 @@ async def _stream(engine: Engine, job: Job, events: asyncio.Queue, completion_id
             job.cancelled = True  # the client went away: the request leaves the batch at the next step
 
 
+class BackgroundServer:
+    """The server on a free port of 127.0.0.1 in a thread of this process, for tests, notebooks and load
+    scripts: ``with BackgroundServer(engine) as server: OpenAI(base_url=server.url, ...)``."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 256, start_timeout_s: float = 30.0):
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self._server = uvicorn.Server(uvicorn.Config(create_app(engine, max_waiting=max_waiting), host="127.0.0.1",
+                                                     port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name="dynamic-llava-server", daemon=True)
+        self._timeout = start_timeout_s
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"The server did not start on port {self.port}.")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True  # a graceful shutdown: running requests finish first
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            raise RuntimeError("The server did not stop within 60 s.")
+
+
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_waiting: int = 256,
           log_level: str = "info") -> None:
     """Run the server until interrupted (Ctrl-C / SIGTERM end it gracefully)."""
@@ -198,4 +232,4 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_waiting
     uvicorn.run(create_app(engine, max_waiting=max_waiting), host=host, port=port, log_level=log_level)
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["BackgroundServer", "create_app", "serve"]
