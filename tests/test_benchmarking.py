@@ -62,6 +62,23 @@ def test_speed_results_count_what_each_method_keeps(speed_results):
     assert results["dynamic-llava"]["prefill_flops"] > results["fastv"]["prefill_flops"]
 
 
+def test_speed_harness_measures_a_qwen_model():
+    """The same harness on Qwen2-VL (multimodal RoPE): what each method keeps, and its exact FLOPs."""
+    from dynamic_llava.benchmarking import qwen_random_workload
+    from tiny_qwen import tiny_pair
+
+    model, _ = tiny_pair("qwen2_vl")
+    workload = qwen_random_workload(model, batch=2, text_before=3, text_after=2, image_side=4)
+    methods = methods_at_budget(image_keep_rate=0.25, text_keep_rate=0.5, trained=False)
+    results = measure_methods(model, workload, methods, repeats=1, decode_tokens=8, no_cache_tokens=2,
+                              checkpoints=(1, 4, 8), log=lambda _: None)
+    assert results["dense"]["image_tokens_kept"] == 16
+    assert results["dynamic-llava"]["image_tokens_kept"] == results["fastv"]["image_tokens_kept"] == 4
+    assert results["dynamic-llava"]["prefill_flops"] < results["dense"]["prefill_flops"]
+    assert results["dynamic-llava"]["kv_bytes_final"] < results["dense"]["kv_bytes_final"]
+    assert all(r["no_cache_tokens"] == 2 for r in results.values())
+
+
 def test_speed_plots_are_written(speed_results, tmp_path):
     model, workload, results = speed_results
     report = {"runs": [{"model": "tiny", "batch": 2, "prompt_tokens": workload.prompt_tokens, "methods": results}]}

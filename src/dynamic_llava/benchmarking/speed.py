@@ -99,7 +99,8 @@ def exact_prefill_flops(model, method: Method, workload: Workload, image_tokens_
     k = config.sparse_layer
     kept_tokens = workload.prompt_tokens - workload.image_tokens + image_tokens_kept
     per_sample = costs.prefill_flops(text, workload.prompt_tokens, k, kept_tokens)
-    per_sample += costs.vision_flops(config)
+    if hasattr(config.vision_config, "image_size"):  # a CLIP tower (LLaVA); Qwen-VL's here is one tiny layer
+        per_sample += costs.vision_flops(config)
     runs_predictor = method.name == "dynamic-llava" and image_tokens_kept < workload.image_tokens
     if runs_predictor:
         per_sample += costs.image_predictor_flops(config, workload.image_tokens)

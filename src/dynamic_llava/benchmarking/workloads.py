@@ -39,6 +39,57 @@ def wide_model(hidden: int = 4096, layers: int = 4, intermediate: int = 11008, h
     return model.to(dtype).eval()
 
 
+def wide_qwen_model(hidden: int = 3584, layers: int = 4, intermediate: int = 18944, heads: int = 28,
+                    kv_heads: int = 4, vocab: int = 32064, sparse_layer: int = 2, max_positions: int = 4096,
+                    seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight Qwen2-VL whose decoder layers have Qwen2-VL-7B's width (hidden 3584, FFN 18944, 28 query
+    and 4 KV heads, multimodal RoPE) but only `layers` of them, and a one-layer vision tower: the prefill cost is
+    the decoder's."""
+    from ..qwen2_vl import DynamicQwen2VLConfig, DynamicQwen2VLForConditionalGeneration
+
+    head = hidden // heads
+    quarter = head // 2 // 4
+    config = DynamicQwen2VLConfig(
+        vision_config=dict(depth=1, embed_dim=64, hidden_size=hidden, num_heads=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=max_positions, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [head // 2 - 2 * quarter, quarter, quarter]}),
+        image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+        vision_end_token_id=vocab - 1, sparse_layer=sparse_layer,
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = DynamicQwen2VLForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def qwen_random_workload(model, batch: int, text_before: int = 20, text_after: int = 20, image_side: int = 24,
+                         seed: int = 0) -> Workload:
+    """`batch` equal-length Qwen-VL prompts: random text around one image of ``image_side``^2 tokens (random
+    pixels at ``image_side * merge`` patches a side), with the processor's ``mm_token_type_ids``."""
+    g = torch.Generator().manual_seed(seed)
+    config, vision = model.config, model.config.vision_config
+    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    words = torch.tensor([i for i in range(3, config.text_config.vocab_size) if i not in special])
+
+    def text(n):
+        return words[torch.randint(len(words), (n,), generator=g)]
+
+    block = torch.tensor([config.vision_start_token_id, *[config.image_token_id] * image_side ** 2,
+                          config.vision_end_token_id])
+    ids = torch.stack([torch.cat([text(text_before), block, text(text_after)]) for _ in range(batch)])
+    patches = image_side * vision.spatial_merge_size
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "mm_token_type_ids": (ids == config.image_token_id).long(),
+              "pixel_values": torch.randn(batch * patches * patches, width, generator=g).to(model.dtype),
+              "image_grid_thw": torch.tensor([[1, patches, patches]] * batch)}
+    return Workload(inputs, ids.shape[1], image_side ** 2, batch, PAD, sorted(special))
+
+
 def random_workload(model, batch: int, text_before: int = 20, text_after: int = 20, seed: int = 0) -> Workload:
     """`batch` equal-length prompts of random text around one image of random pixels each."""
     g = torch.Generator().manual_seed(seed)
