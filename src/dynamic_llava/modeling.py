@@ -317,9 +317,11 @@ class DynamicLlavaForConditionalGeneration(SparseGeneration, LlavaForConditional
 
     Loads any llava-hf (LLaVA-1.5 layout) checkpoint with `from_pretrained`; a checkpoint without
     predictors gets fresh ones. Use it like `LlavaForConditionalGeneration`: `forward`, `generate`
-    (with or without cache, batched). Extra arguments: `sparsity_stats` (a `SparsityStats` to fill)
-    and `sparsity_policy` (a `TokenPolicy` from `dynamic_llava.policies`: `LearnedPolicy`, the default,
-    `RandomPolicy`, `FastVPolicy`, `StreamingLLMPolicy`, `H2OPolicy`).
+    (with or without cache, batched). Extra arguments: `sparsity_stats` (a `SparsityStats` to fill),
+    `sparsity_policy` (a `TokenPolicy` from `dynamic_llava.policies`: `LearnedPolicy`, the default,
+    `RandomPolicy`, `FastVPolicy`, `StreamingLLMPolicy`, `H2OPolicy`, `ComposedPolicy`, ...) and
+    `sparsity_requests` (one `SparsityRequest` per sample, or one for all: keep rates, text threshold and KV
+    budget per sample, the config untouched).
     """
 
     config_class = DynamicLlavaConfig
