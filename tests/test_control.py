@@ -17,7 +17,8 @@ from dynamic_llava import (
     SparsityStats,
     StreamingLLMPolicy,
 )
-from dynamic_llava.control import control_tensor, kv_bytes_per_token
+from dynamic_llava import costs
+from dynamic_llava.control import control_tensor
 from tiny import IMAGE_TOKEN, make_prompts, tiny_dynamic
 from tiny_qwen import make_batch, one, tiny_pair
 
@@ -147,7 +148,7 @@ def test_kv_budget_in_bytes_covers_every_layer():
     model = tiny_dynamic(image_keep_rate=1.0)
     ids, mask, pixels = make_prompts([3], [4], seed=2)
     new = 20
-    per_token = kv_bytes_per_token(model)
+    per_token = costs.kv_bytes_per_token(model.config.text_config, model.dtype.itemsize)
     layers, k_layer = model.config.text_config.num_hidden_layers, model.config.sparse_layer
     context = int(mask.sum()) + new
     budget = per_token * (k_layer * context + (layers - k_layer) * 15)  # room for 15 tokens in layers >= K

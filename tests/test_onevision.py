@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny import sparse_and_stock
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 import dynamic_llava
@@ -23,14 +24,8 @@ SIZES = [(12, 30), (30, 12), (20, 20)]  # (height, width): wide, tall, square
 
 
 def pair(**sparsity):
-    settings = dict(sparse_layer=2, image_keep_rate=0.25, text_keep_rate=0.5, predictor_dim=16, predictor_heads=2)
-    settings.update(sparsity)
-    torch.manual_seed(0)
-    ours = DynamicLlavaOnevisionForConditionalGeneration(DynamicLlavaOnevisionConfig(**CONFIG, **settings)).eval()
-    stock = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**CONFIG)).eval()
-    missing, unexpected = stock.load_state_dict(ours.state_dict(), strict=False)
-    assert not missing and all("predictor" in k for k in unexpected)
-    return ours, stock
+    return sparse_and_stock(DynamicLlavaOnevisionConfig, DynamicLlavaOnevisionForConditionalGeneration,
+                            LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, CONFIG, **sparsity)
 
 
 def batch_for(stock, owners: list[list[int]]):

@@ -41,19 +41,29 @@ def tiny_config_kwargs(layers: int = 4, image_size: int = 32, patch: int = 8, at
     )
 
 
+# the sparsity settings of every tiny model in the tests (predictors sized for hidden 48)
+TINY_SPARSITY = dict(sparse_layer=2, image_keep_rate=0.25, text_keep_rate=0.5, predictor_dim=16, predictor_heads=2,
+                     predictor_mlp_dim=32, predictor_head_dims=[16, 8], text_predictor_dims=[16, 8])
+
+
+def sparse_and_stock(config_class, model_class, stock_config_class, stock_class, config_kwargs: dict,
+                     attn: str = "sdpa", seed: int = 0, **sparsity):
+    """(ours, stock) of one family with the same weights: ours built from `config_kwargs` and the tiny sparsity
+    settings (`sparsity` overrides them), stock loaded from ours (the predictors left out)."""
+    config = config_class(**config_kwargs, **{**TINY_SPARSITY, **sparsity})
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    ours = model_class(config).eval()
+    ours.set_attn_implementation(attn)
+    stock = stock_class(stock_config_class(**config_kwargs)).eval()
+    missing, unexpected = stock.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and all("predictor" in k for k in unexpected), (missing, unexpected)
+    stock.set_attn_implementation(attn)
+    return ours, stock
+
+
 def tiny_dynamic(attn: str = "sdpa", seed: int = 0, **sparsity) -> DynamicLlavaForConditionalGeneration:
-    defaults = dict(
-        sparse_layer=2,
-        image_keep_rate=0.25,
-        text_keep_rate=0.5,
-        predictor_dim=16,
-        predictor_heads=2,
-        predictor_mlp_dim=32,
-        predictor_head_dims=[16, 8],
-        text_predictor_dims=[16, 8],
-    )
-    defaults.update(sparsity)
-    config = DynamicLlavaConfig(**tiny_config_kwargs(), **defaults)
+    config = DynamicLlavaConfig(**tiny_config_kwargs(), **{**TINY_SPARSITY, **sparsity})
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = DynamicLlavaForConditionalGeneration(config).eval()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
-from tiny import IMAGE_TOKEN, PAD_TOKEN, VOCAB
+from tiny import IMAGE_TOKEN, PAD_TOKEN, VOCAB, sparse_and_stock
 from tiny_processor import tiny_tokenizer
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -29,19 +28,8 @@ def config_kwargs(text_model: str = "llama") -> dict:
 
 
 def tiny_next_pair(text_model: str = "llama", attn: str = "sdpa", seed: int = 0, **sparsity):
-    settings = dict(sparse_layer=2, image_keep_rate=0.25, text_keep_rate=0.5, predictor_dim=16, predictor_heads=2,
-                    predictor_mlp_dim=32, predictor_head_dims=[16, 8], text_predictor_dims=[16, 8])
-    settings.update(sparsity)
-    config = DynamicLlavaNextConfig(**config_kwargs(text_model), **settings)
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    ours = DynamicLlavaNextForConditionalGeneration(config).eval()
-    ours.set_attn_implementation(attn)
-    stock = LlavaNextForConditionalGeneration(LlavaNextConfig(**config_kwargs(text_model))).eval()
-    missing, unexpected = stock.load_state_dict(ours.state_dict(), strict=False)
-    assert not missing and all("predictor" in k for k in unexpected), (missing, unexpected)
-    stock.set_attn_implementation(attn)
-    return ours, stock
+    return sparse_and_stock(DynamicLlavaNextConfig, DynamicLlavaNextForConditionalGeneration, LlavaNextConfig,
+                            LlavaNextForConditionalGeneration, config_kwargs(text_model), attn, seed, **sparsity)
 
 
 def tiny_next_processor() -> LlavaNextProcessor:

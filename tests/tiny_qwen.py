@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tiny import sparse_and_stock
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -57,19 +58,8 @@ def config_kwargs(family: str) -> dict:
 def tiny_pair(family: str = "qwen2_vl", attn: str = "sdpa", seed: int = 0, **sparsity):
     """(ours, stock) with the same weights (the stock class without the predictors)."""
     stock_config_class, stock_class, config_class, model_class = FAMILIES[family]
-    settings = dict(sparse_layer=2, image_keep_rate=0.25, text_keep_rate=0.5, predictor_dim=16, predictor_heads=2,
-                    predictor_mlp_dim=32, predictor_head_dims=[16, 8], text_predictor_dims=[16, 8])
-    settings.update(sparsity)
-    config = config_class(**config_kwargs(family), **settings)
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    ours = model_class(config).eval()
-    ours.set_attn_implementation(attn)
-    stock = stock_class(stock_config_class(**config_kwargs(family))).eval()
-    missing, unexpected = stock.load_state_dict(ours.state_dict(), strict=False)
-    assert not missing and all("predictor" in k for k in unexpected), (missing, unexpected)
-    stock.set_attn_implementation(attn)
-    return ours, stock
+    return sparse_and_stock(config_class, model_class, stock_config_class, stock_class, config_kwargs(family), attn,
+                            seed, **sparsity)
 
 
 def make_batch(prompts: list[list[tuple[str, object]]], seed: int = 0):

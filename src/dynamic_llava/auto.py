@@ -49,4 +49,16 @@ def from_pretrained(path, **kwargs):
     return model_class_for(path).from_pretrained(path, **kwargs)
 
 
-__all__ = ["from_pretrained", "model_class_for"]
+def load_for_inference(path, device: str | None = None, dtype=None, **settings):
+    """(model in eval mode on `device`, its processor) from a checkpoint folder: the GPU when there is one, in
+    float16 there and float32 on the CPU unless `dtype` says otherwise; sparsity `settings` pass through."""
+    import torch
+    from transformers import AutoProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    model = from_pretrained(path, dtype=dtype, **settings).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+__all__ = ["from_pretrained", "load_for_inference", "model_class_for"]

@@ -35,13 +35,12 @@ class SlotTable:
     def __init__(self, layers: int = 0):
         self.layers = layers  # sparse layers that run each step: the plan is cleared after the last one
         self.reserved = 0  # slots to add at the first growth (generate: max_new_tokens)
-        self.budget: torch.Tensor | None = None  # [B] float: the most slots each sample may hold (inf: none)
-        self.text_open = False  # per-request settings keep every generated token (the learned gate is skipped)
         self.clear()
 
     def clear(self) -> None:
-        """Forget every token (a reset cache); the reservation stays, the budget goes."""
-        self.budget, self.text_open = None, False
+        """Forget every token (a reset cache); the reservation stays, the per-request state goes."""
+        self.budget: torch.Tensor | None = None  # [B] float: the most slots each sample may hold (inf: none)
+        self.text_open = False  # per-request settings keep every generated token (the learned gate is skipped)
         self.lengths: torch.Tensor | None = None  # [B] long: valid slots per sample
         self.text_columns: torch.Tensor | None = None  # [B, capacity] long: column of a generated token, else -1
         self.attention: torch.Tensor | None = None  # [B, capacity] float: attention received in layer K so far
@@ -344,8 +343,8 @@ class DynamicLlavaCache(Cache):
         table.scores.scatter_(1, append, scores.float())
         table.lengths = lengths + store.sum(dim=1)
         table.append_dest, table.attend_width, table.pending = append, past + q, table.layers
-        width, stored_all = torch.stack([table.lengths.max(), (store | ~valid).all().long() * valid.all().long()]).tolist()
-        table.width, table.exact = int(width), True  # one host sync for both
+        width, stored_all = torch.stack([table.lengths.max(), store.all().long()]).tolist()  # one host sync
+        table.width, table.exact = int(width), True  # (`store` is False on padding: all stored means none)
         table.complete = table.complete and bool(stored_all)
         table.text_columns[:, spare] = -1
         table.attention[:, spare] = 0.0
@@ -458,17 +457,13 @@ class DynamicLlavaCache(Cache):
         table.text_open = all(t.text_open for t in tables)
         for i, layer in enumerate(out.layers):
             parts = [c.layers[i] for c in caches]
-            if isinstance(layer, SparseLayer):
-                layer.lazy_initialization(parts[0].key_buffer, parts[0].value_buffer)
-                layer.key_buffer = torch.cat([torch.nn.functional.pad(p.key_buffer, (0, 0, 0, capacity - p.key_buffer.shape[2]))
-                                              for p in parts])
-                layer.value_buffer = torch.cat([
-                    torch.nn.functional.pad(p.value_buffer, (0, 0, 0, capacity - p.value_buffer.shape[2])) for p in parts])
-            else:
-                layer.lazy_initialization(parts[0].keys, parts[0].values)
-                layer.keys = torch.cat([torch.nn.functional.pad(p.keys, (0, 0, pad, 0)) for p, pad in zip(parts, left_pads)])
-                layer.values = torch.cat([torch.nn.functional.pad(p.values, (0, 0, pad, 0))
-                                          for p, pad in zip(parts, left_pads)])
+            sparse = isinstance(layer, SparseLayer)
+            names = ("key_buffer", "value_buffer") if sparse else ("keys", "values")
+            layer.lazy_initialization(*(getattr(parts[0], n) for n in names))
+            for n in names:  # sparse buffers grow on the right to one capacity, dense K/V are padded on the left
+                setattr(layer, n, torch.cat([
+                    torch.nn.functional.pad(getattr(p, n), (0, 0, 0, capacity - getattr(p, n).shape[2]) if sparse
+                                            else (0, 0, pad, 0)) for p, pad in zip(parts, left_pads)]))
         return out
 
     def trim_left(self, columns: int) -> None:

@@ -497,22 +497,15 @@ def score_command(
 
 def _load_for_inference(model: str, dense: bool, image_keep_rate: float | None):
     """The model (eval mode, on the GPU when there is one) and its processor, or a one-line error."""
-    import torch
-    from transformers import AutoProcessor
+    from .auto import load_for_inference
 
-    from .auto import model_class_for
-
+    settings = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense else {}
+    if image_keep_rate is not None:
+        settings["image_keep_rate"] = image_keep_rate
     try:
-        settings = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense else {}
-        if image_keep_rate is not None:
-            settings["image_keep_rate"] = image_keep_rate
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        loaded = model_class_for(model).from_pretrained(
-            model, dtype=torch.float16 if device == "cuda" else torch.float32, **settings)
-        processor = AutoProcessor.from_pretrained(model)
+        return load_for_inference(model, **settings)
     except (OSError, ValueError, TypeError) as err:
         _fail(str(err))
-    return loaded.to(device).eval(), processor
 
 
 def _print_scores(task, answer_files, score, annotations, questions) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from . import costs
 from .validation import check_integer, check_number, check_rate, invalid
 
 RATE, MARGIN, BUDGET = 0, 1, 2  # the columns of the control tensor
@@ -79,18 +80,15 @@ class SparsityRequest:
         return cls(**values)
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes one token's K and V take in one decoder layer of `model` (its dtype, its KV heads)."""
-    text = model.config.text_config
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * heads * head_dim * torch.finfo(model.dtype).bits // 8
+def _token_bytes(model) -> int:
+    """Bytes one token's K and V take in one decoder layer of `model`, in its dtype."""
+    return costs.kv_bytes_per_token(model.config.text_config, model.dtype.itemsize)
 
 
 def request_kv_bytes(model, context_tokens: int, sparse_tokens: int) -> int:
     """K/V bytes of one request: layers < K hold `context_tokens`, layers >= K `sparse_tokens`."""
     k_layer, layers = model.config.sparse_layer, model.config.text_config.num_hidden_layers
-    return kv_bytes_per_token(model) * (k_layer * context_tokens + (layers - k_layer) * sparse_tokens)
+    return _token_bytes(model) * (k_layer * context_tokens + (layers - k_layer) * sparse_tokens)
 
 
 def budget_tokens(model, request: SparsityRequest, context_tokens: int) -> float:
@@ -101,7 +99,7 @@ def budget_tokens(model, request: SparsityRequest, context_tokens: int) -> float
     if request.kv_budget_bytes is None:
         return math.inf
     k_layer, layers = model.config.sparse_layer, model.config.text_config.num_hidden_layers
-    per_token = kv_bytes_per_token(model)
+    per_token = _token_bytes(model)
     dense_part = per_token * k_layer * context_tokens
     tokens = (request.kv_budget_bytes - dense_part) // (per_token * (layers - k_layer))
     if tokens < 1:
@@ -111,6 +109,16 @@ def budget_tokens(model, request: SparsityRequest, context_tokens: int) -> float
             "raise it, shorten the prompt or max_new_tokens",
         )
     return float(tokens)
+
+
+def check_budget_covers_prompt(budget: float, text_tokens: int, who: str = "The request") -> None:
+    """Refuse a sparse-layer budget that the prompt's text (never dropped) already fills."""
+    if budget < text_tokens + 1:
+        raise ValueError(
+            f"{who}'s KV budget allows {int(budget)} tokens per layer >= K, but its prompt holds {text_tokens} text "
+            f"tokens, which are never dropped: allow at least {text_tokens + 1} tokens (or the bytes for them), or "
+            "shorten the prompt."
+        )
 
 
 def as_requests(requests, batch: int) -> list[SparsityRequest]:
@@ -197,7 +205,7 @@ class SparsityController:
     request until its worst case fits (`request_kv_bytes`).
     """
 
-    defaults: dict = None
+    defaults: dict | None = None
     kv_budget_bytes: int | None = None
 
     def __post_init__(self):
@@ -247,5 +255,5 @@ def check_control(control, batch: int) -> None:
         )
 
 
-__all__ = ["MODES", "SparsityController", "SparsityRequest", "as_requests", "free_memory_bytes", "mode_of", "budget_tokens", "check_control", "control_tensor", "kv_bytes_per_token",
+__all__ = ["MODES", "SparsityController", "SparsityRequest", "as_requests", "free_memory_bytes", "mode_of", "budget_tokens", "check_control", "check_budget_covers_prompt", "control_tensor",
            "request_kv_bytes"]

@@ -329,9 +329,8 @@ class SparseDecoder:
             # with one new token, only a text decision can leave it out of the cache (a padded step at most
             # overstates the width, which the key mask covers)
             may_drop = seq_s > 1 or record.text_decided or budgets is not None
-            scores_s = None if scores is None or index is None else scores.gather(1, index)
-            mask_2d = cache.plan_step(store_s, valid_s, text_columns_s, received, may_drop=may_drop,
-                                      scores=scores if index is None else scores_s)
+            scores_s = scores if scores is None or index is None else scores.gather(1, index)
+            mask_2d = cache.plan_step(store_s, valid_s, text_columns_s, received, may_drop=may_drop, scores=scores_s)
         mask_positions = self._mask_positions(pos_s)
         if seq_s == 1 and full_mask is None and visible is None and cache is not None and cache.table.complete:
             # one new token, no padding anywhere (the full mask was skipped) and every token ever seen stored:

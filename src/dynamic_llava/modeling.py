@@ -32,7 +32,7 @@ from .checkpoints import (
     predictor_mismatches,
     stored_predictor_shapes,
 )
-from .control import BUDGET, as_requests, control_tensor
+from .control import BUDGET, as_requests, check_budget_covers_prompt, control_tensor
 from .config import SPARSITY_FIELDS, DynamicLlavaConfig, refuse_misspelt_settings
 from .policies import (
     TokenPolicy,
@@ -228,12 +228,7 @@ class SparseGeneration:
                                  "is stored; lower text_keep_threshold or image_keep_rate instead).")
             text = (real - (input_ids == self.config.image_token_id).sum(dim=1)).tolist()
             for i in budgeted:
-                if control[i, BUDGET] < text[i] + 1:
-                    raise ValueError(
-                        f"Sample {i}'s KV budget allows {int(control[i, BUDGET])} tokens per layer >= K, but its prompt "
-                        f"holds {text[i]} text tokens, which are never dropped: allow at least {text[i] + 1} tokens "
-                        "(or the bytes for them), or shorten the prompt."
-                    )
+                check_budget_covers_prompt(float(control[i, BUDGET]), text[i], f"Sample {i}")
         kwargs["sparsity_control"] = control
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from ..cache import DynamicLlavaCache
-from ..control import SparsityRequest, control_tensor, kv_bytes_per_token, request_kv_bytes
+from ..control import SparsityRequest, control_tensor, request_kv_bytes
 from ..stats import SparsityStats
 
 
@@ -207,15 +207,14 @@ class RunningBatch:
     def _leave(self, rows: list[int]) -> None:
         sparse_lengths = self.cache.table.lengths.tolist()
         real = self.mask.sum(dim=1).tolist()
-        per_token = kv_bytes_per_token(self.model)
-        layers, k_layer = self.model.config.text_config.num_hidden_layers, self.model.config.sparse_layer
         for row in rows:
             job = self.jobs[row]
             job.kv_tokens_dense_layers, job.kv_tokens_sparse_layers = int(real[row]), int(sparse_lengths[row])
-            job.kv_bytes = per_token * (k_layer * int(real[row]) + (layers - k_layer) * int(sparse_lengths[row]))
-            job.dense_kv_bytes = per_token * layers * int(real[row])
+            job.kv_bytes = request_kv_bytes(self.model, int(real[row]), int(sparse_lengths[row]))
+            job.dense_kv_bytes = request_kv_bytes(self.model, int(real[row]), int(real[row]))
             job.finished_at = time.monotonic()
-        stay = [row for row in range(len(self.jobs)) if row not in set(rows)]
+        leaving = set(rows)
+        stay = [row for row in range(len(self.jobs)) if row not in leaving]
         finished = [self.jobs[row] for row in rows]
         if stay:
             index = torch.tensor(stay, device=self.mask.device)
@@ -305,17 +304,23 @@ class Scheduler:
                 admitted.setdefault(job.policy_key, []).append(job)
         return admitted
 
-    def _release(self, job: Job) -> None:
-        self.kv_in_use -= job.worst_kv_bytes
-        self.finished[job.finish_reason] = self.finished.get(job.finish_reason, 0) + 1
+    def _releasing(self, done):
+        """`done`, after the job's reserved K/V is given back and its ending counted."""
+
+        def release(job: Job) -> None:
+            self.kv_in_use -= job.worst_kv_bytes
+            self.finished[job.finish_reason] = self.finished.get(job.finish_reason, 0) + 1
+            if done is not None:
+                done(job)
+
+        return release
 
     def step(self) -> bool:
         """Admit what fits, then one decode step for each running batch; False when there was nothing to do."""
         admitted = self._admit()
         for key, jobs in admitted.items():
             for job in jobs:
-                done = job.on_done
-                job.on_done = (lambda j, done=done: (self._release(j), done and done(j)))
+                job.on_done = self._releasing(job.on_done)
             batch = self.batches.get(key)
             if batch is None:
                 batch = self.batches[key] = RunningBatch(self.model, jobs[0].policy, self.pad)

@@ -247,14 +247,13 @@ def serve(
     limits = Limits(max_batch_size=max_batch_size, max_new_tokens=max_new_tokens, images=images,
                     request_timeout_s=request_timeout)
     try:
-        engine = Engine.load(model, limits=limits)
         controller = (SparsityController(kv_budget_bytes=kv_budget_bytes) if kv_budget_bytes is not None
-                      else SparsityController.from_memory(engine.model, fraction=kv_memory_fraction))
-        engine = Engine(engine.model, engine.processor, controller, limits, model_id=engine.model_id)
+                      else lambda loaded: SparsityController.from_memory(loaded, fraction=kv_memory_fraction))
+        engine = Engine.load(model, controller=controller, limits=limits)
     except (OSError, ValueError, TypeError) as error:
         _fail(str(error))
     typer.echo(f"Serving {engine.model_id} on http://{host}:{port}/v1 (KV budget "
-               f"{controller.kv_budget_bytes / 2**20:.0f} MiB, batch <= {max_batch_size})", err=True)
+               f"{engine.controller.kv_budget_bytes / 2**20:.0f} MiB, batch <= {max_batch_size})", err=True)
     run(engine, host=host, port=port, max_waiting=max_waiting)
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
-from ..control import SparsityController, SparsityRequest, budget_tokens, mode_of
+from ..auto import load_for_inference
+from ..control import SparsityController, SparsityRequest, budget_tokens, check_budget_covers_prompt, mode_of
 from ..policies import (
     CDPrunerPolicy,
     DARTPolicy,
@@ -88,15 +88,12 @@ class Engine:
     @classmethod
     def load(cls, path, controller: SparsityController | None = None, limits: Limits | None = None,
              device: str | None = None, dtype=None) -> "Engine":
-        """Load a checkpoint folder (any served family) and its processor."""
-        from transformers import AutoProcessor
-
-        from ..auto import model_class_for
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-        model = model_class_for(path).from_pretrained(path, dtype=dtype).to(device).eval()
-        return cls(model, AutoProcessor.from_pretrained(path), controller, limits, model_id=Path(path).name)
+        """Load a checkpoint folder (any served family) and its processor (`auto.load_for_inference`);
+        `controller` may also be a function of the loaded model (e.g. `SparsityController.from_memory`)."""
+        model, processor = load_for_inference(path, device, dtype)
+        if callable(controller) and not isinstance(controller, SparsityController):
+            controller = controller(model)
+        return cls(model, processor, controller, limits, model_id=Path(path).name)
 
     # ------------------------------------------------------------------------------------------ requests -> jobs
 
@@ -157,11 +154,10 @@ class Engine:
                 raise RequestError(str(error), param="sparsity") from None
             request = SparsityRequest(image_keep_rate=request.image_keep_rate,
                                       text_keep_threshold=request.text_keep_threshold, kv_budget_tokens=int(tokens))
-            text = int(ids.numel() - (ids == self.model.config.image_token_id).sum())
-            if tokens < text + 1:
-                raise RequestError(f"The KV budget allows {int(tokens)} tokens per layer >= K, but the prompt holds "
-                                   f"{text} text tokens, which are never dropped: allow at least {text + 1}.",
-                                   param="sparsity")
+            try:
+                check_budget_covers_prompt(tokens, int(ids.numel() - (ids == self.model.config.image_token_id).sum()))
+            except ValueError as error:
+                raise RequestError(str(error), param="sparsity") from None
         job = Job(input_ids=ids, image_inputs=dict(inputs), token_inputs=token_inputs, request=request,
                   max_new_tokens=max_new_tokens,
                   policy=token_policy, policy_key=policy_key(token_policy), temperature=float(temperature),
