@@ -51,6 +51,23 @@ def test_short_run_moves_keep_ratios_toward_targets(world):
     assert abs(text_after - 0.2) < abs(text_before - 0.2) - 0.1, (text_before, text_after)
 
 
+def test_answer_loss_average_is_the_training_loss(world):
+    from dynamic_llava.losses import per_answer_loss
+
+    trainer = build_trainer(recipe_for(world, "answers", loss_average="answer", batch_size=4))
+    batch = LlavaCollator(0)([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(model, batch)
+    torch.manual_seed(0)
+    outputs = model(**batch, gumbel_tau=1.0)
+    expected = per_answer_loss(outputs.logits, batch["labels"]) + model.config.budget_weight * outputs.budget_loss
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="loss_average"):
+        recipe_for(world, loss_average="sample").check()
+
+
 def test_frozen_parts_do_not_change(world):
     trainer = build_trainer(recipe_for(world, "frozen", trainable="predictors", max_steps=2))
     before = flat_parameters(trainer.model)

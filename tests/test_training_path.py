@@ -3,7 +3,7 @@
 import torch
 
 from dynamic_llava.attention import allowed_keys, masked_softmax_attention
-from dynamic_llava.losses import balance_mask_gradient, budget_loss
+from dynamic_llava.losses import balance_mask_gradient, budget_loss, per_answer_loss
 from dynamic_llava.stats import ForwardRecord
 from tiny import make_prompts, tiny_dynamic
 
@@ -86,6 +86,22 @@ def test_budget_loss_matches_its_definition():
     r_i = ((0.2 - 0.5) ** 2 + (0.2 - 0.25) ** 2) / 2  # samples with images only
     r_ot = ((0.5 - 0.75) ** 2 + (0.5 - 0.5) ** 2) / 3  # eligible samples, divided by the batch
     torch.testing.assert_close(budget_loss(record, 0.2, 0.5), torch.tensor(r_i + r_ot))
+
+
+def test_per_answer_loss_weighs_every_answer_alike():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 11, requires_grad=True)
+    # sample 0: two answers of 2 and 1 tokens (a two-turn record); sample 1: one answer of 7 tokens
+    labels = torch.tensor([[-100, -100, 1, 2, -100, -100, 3, -100, -100], [-100, -100, 4, 5, 6, 7, 8, 9, 10]])
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none",
+                                            ignore_index=-100)
+    expected = (nll[0, 1:3].mean() + nll[0, 5] + nll[1, 1:8].mean()) / 3
+    torch.testing.assert_close(per_answer_loss(logits, labels), expected)
+    token_mean = nll.sum() / (labels[:, 1:] >= 0).sum()
+    assert not torch.allclose(expected, token_mean)  # the long answer no longer dominates
+    per_answer_loss(logits, labels).backward()
+    assert logits.grad[1, 0].abs().sum() == 0 and logits.grad[0, 1].abs().sum() > 0  # only positions predicting labels
+    assert per_answer_loss(logits, torch.full_like(labels, -100)) == 0
 
 
 def test_balanced_mask_gradient_is_centred_and_of_fixed_size():

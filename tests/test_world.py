@@ -291,10 +291,16 @@ def test_a_stopped_dense_stage_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_a_world_build_refuses_dense_stages_of_another_recipe(tmp_path):
-    from dynamic_llava.world.build import DENSE_FIELDS, WorldRecipe, _check_same_run
+    from dynamic_llava.world.build import WorldRecipe, _check_same_run, _dense_fingerprint
 
     recipe = WorldRecipe(work=str(tmp_path))
-    same = {k: getattr(recipe, k) for k in DENSE_FIELDS}
-    _check_same_run(same, recipe, tmp_path / "dense-1")  # the same recipe: reused
+    same = _dense_fingerprint(recipe)
+    _check_same_run(same, recipe, tmp_path / "dense-3")  # the same recipe: reused
     with pytest.raises(ValueError, match=r"question_steps: 10 there, 4000 now.*another --work folder"):
-        _check_same_run({**same, "question_steps": 10}, recipe, tmp_path / "dense-1")
+        _check_same_run({**same, "question_steps": 10}, recipe, tmp_path / "dense-1", 0)
+    # a stage is judged by the settings of the stages up to it: a later stage's settings do not matter
+    first = _dense_fingerprint(recipe, 0)
+    assert "question_steps" in first and "long_steps" not in first and "polish_steps" not in first
+    _check_same_run(first, WorldRecipe(work=str(tmp_path), polish_steps=5), tmp_path / "dense-1", 0)
+    with pytest.raises(ValueError, match=r"polish_steps: 800 there, 5 now"):
+        _check_same_run(same, WorldRecipe(work=str(tmp_path), polish_steps=5), tmp_path / "dense-3", 2)

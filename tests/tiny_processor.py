@@ -53,6 +53,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def without_video_processor(processor_class: type) -> type:
+    """`processor_class` (a stock processor of a family that also takes videos) without its video processor, which
+    needs torchvision (not installed here): images and text go through the stock code unchanged."""
+
+    class ImageOnly(processor_class):
+        @classmethod
+        def get_attributes(cls):
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
+    return ImageOnly
+
+
 def tiny_processor() -> LlavaProcessor:
     """LLaVA-1.5 layout: CLIP drops its CLS token ("default" strategy), so an image is (32/8)^2 tokens."""
     return llava_processor(tiny_tokenizer(), IMAGE_SIZE, PATCH)

@@ -1,14 +1,19 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL configs and inputs built in-process (no processor, no downloads)."""
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL configs, inputs and an image-only Qwen2-VL processor, built
+in-process (no downloads)."""
 
 from __future__ import annotations
 
 import torch
 from tiny import sparse_and_stock
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
@@ -111,3 +116,32 @@ def one(batch: dict, i: int, prompts) -> dict:
             out["image_grid_thw"] = grids[mine]
     return out
 
+
+
+QWEN_SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                       "<|vision_end|>", "<unk>"]  # ids 0-6 as the tiny configs name them
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen_processor() -> Qwen2VLProcessor:
+    """A real Qwen2-VL processor for the tiny configs: a BPE tokenizer with Qwen's special tokens, the stock PIL
+    image processor with 4-px patches merged 2 x 2, and a Qwen-style chat template."""
+    from tiny_processor import CORPUS, without_video_processor
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(CORPUS + ["user assistant system"], trainers.BpeTrainer(
+        vocab_size=64, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                        unk_token="<unk>", clean_up_tokenization_spaces=False)
+    assert tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>"]) == [IMAGE, START]
+    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                                      size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return without_video_processor(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer,
+                                                     chat_template=QWEN_CHAT_TEMPLATE)

@@ -133,6 +133,9 @@ def train(
     gradient_accumulation_steps: int = typer.Option(1, help="Micro-batches per optimizer step."),
     save_steps: int = typer.Option(500, help="Checkpoint every N optimizer steps."),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
+    loss_average: str = typer.Option("token", help="token | answer: average the LM loss over the batch's answer "
+                                     "tokens, or over its answers (each answer's mean: short answers weigh as much "
+                                     "as long ones)."),
     seed: int = typer.Option(42, help="Seed of data order, Gumbel noise and fresh predictors."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (non-reentrant)."),
     bf16: bool = typer.Option(False, help="Load and train in bfloat16."),
@@ -171,7 +174,7 @@ def train(
         freeze_projector=freeze_projector, image_only=image_only, learning_rate=learning_rate,
         predictor_learning_rate=predictor_learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps, seed=seed,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=max_grad_norm, loss_average=loss_average,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, on_bad_record=on_bad_record,
         chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity, max_length=max_length,
     )
@@ -200,6 +203,7 @@ def world(
     pool_size: int = typer.Option(20000, min=100, help="Training scenes whose tower features are cached."),
     question_steps: int = typer.Option(4000, min=1, help="Most dense steps on short questions (ends at the target)."),
     long_steps: int = typer.Option(1500, min=1, help="Most dense steps on questions, descriptions and listings."),
+    polish_steps: int = typer.Option(800, min=1, help="Dense steps at a decaying learning rate, counting weighted up."),
     dynamic_steps: int = typer.Option(400, min=1, help="Dynamic-LLaVA fine-tuning steps."),
     test_size: int = typer.Option(1200, min=10, help="Records in each test split (the build's seed and a fresh one)."),
 ) -> None:
@@ -216,7 +220,8 @@ def world(
               "WORK/vision_tower).")
     report = build_world(WorldRecipe(
         output=output, work=work, seed=seed, vision_steps=vision_steps, vision_tower=vision_tower,
-        pool_size=pool_size, question_steps=question_steps, long_steps=long_steps, dynamic_steps=dynamic_steps,
+        pool_size=pool_size, question_steps=question_steps, long_steps=long_steps, polish_steps=polish_steps,
+        dynamic_steps=dynamic_steps,
         test_size=test_size,
     ), log=typer.echo)
     typer.echo(json.dumps(report, indent=2))

@@ -74,4 +74,22 @@ def balance_mask_gradient(keep: torch.Tensor, groups: list[torch.Tensor], scale:
     return _BalancedMaskGradient.apply(keep, torch.stack([g.bool() for g in groups]), float(scale))
 
 
-__all__ = ["balance_mask_gradient", "budget_loss"]
+def per_answer_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean over the batch's answers of each answer's mean cross-entropy: a one-word answer weighs as much as a
+    70-token description. An answer is a run of labelled tokens (its end token included); labels are unshifted,
+    as the stock causal-LM loss takes them."""
+    targets = labels[:, 1:]
+    valid = targets != ignore_index
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets.clamp(min=0),
+                                            reduction="none") * valid
+    starts = valid & ~torch.nn.functional.pad(valid[:, :-1], (1, 0))
+    answers = int(starts.sum())
+    if answers == 0:
+        return logits.sum() * 0.0  # nothing labelled: a zero that keeps the graph
+    span = torch.cumsum(starts.flatten(), 0).view_as(starts) - 1  # each labelled token's answer index
+    span = torch.where(valid, span, torch.full_like(span, answers))  # unlabelled tokens: a spare bin
+    lengths = torch.zeros(answers + 1, device=logits.device).scatter_add_(0, span.flatten(), valid.flatten().float())
+    return (nll / lengths[span].clamp(min=1)).sum() / answers
+
+
+__all__ = ["balance_mask_gradient", "budget_loss", "per_answer_loss"]

@@ -59,6 +59,8 @@ class TrainingRecipe:
     the original LLaVA-1.5 format with "</s>" after each answer (the template shipped with llava-hf
     checkpoints writes no end token, so a model trained with it does not learn to stop); None uses
     the processor's own. `deepspeed`: a DeepSpeed JSON config for multi-GPU runs (ZeRO-2/3).
+    `loss_average`: "token" averages the cross-entropy over every answer token of the batch (LLaVA's choice);
+    "answer" averages each answer's mean, so one-word answers weigh as much as long descriptions.
     `max_grad_norm` clips the whole gradient (0 turns clipping off); with budget_weight 100 the
     budget term's gradients are large, so clipping also slows how fast the keep ratios move.
     """
@@ -78,6 +80,7 @@ class TrainingRecipe:
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
+    loss_average: Literal["token", "answer"] = "token"
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -98,6 +101,8 @@ class TrainingRecipe:
         """Raise a clear error for settings or paths that cannot work, before any weights are loaded."""
         if self.trainable not in ("predictors", "full", "lora"):
             raise ValueError(f"trainable={self.trainable!r}: choose 'predictors', 'full' or 'lora'.")
+        if self.loss_average not in ("token", "answer"):
+            raise ValueError(f"loss_average={self.loss_average!r}: choose 'token' or 'answer'.")
         if self.on_bad_record not in ("skip", "raise"):
             raise ValueError(f"on_bad_record={self.on_bad_record!r}: choose 'skip' or 'raise'.")
         if not os.path.exists(self.model):
@@ -184,8 +189,8 @@ class TrainingRecipe:
 # Recipe fields that change what a run computes (not where or how often it saves or logs).
 RUN_SETTINGS = (
     "trainable", "freeze_projector", "image_only", "learning_rate", "predictor_learning_rate", "epochs", "max_steps",
-    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "seed", "bf16", "lora_rank",
-    "lora_alpha", "lora_dropout", "on_bad_record", "max_length", "sparsity",
+    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "loss_average", "seed", "bf16",
+    "lora_rank", "lora_alpha", "lora_dropout", "on_bad_record", "max_length", "sparsity",
 )
 
 
@@ -311,6 +316,7 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
         train_dataset=dataset,
         data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
         predictor_learning_rate=recipe.predictor_learning_rate,
+        loss_average=recipe.loss_average,
         run_fingerprint=recipe.fingerprint(),
         callbacks=callbacks,
         processing_class=processor,

@@ -10,6 +10,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from ..losses import per_answer_loss
+
 STAGING_DIR = ".staging"
 RUN_FILE = "run.json"  # the run's fingerprint, written into every checkpoint and the final model
 
@@ -63,9 +65,10 @@ def is_predictor_parameter(name: str) -> bool:
 class DynamicLlavaTrainer(Trainer):
     """Trains a Dynamic model of any family (`DynamicLlavaForConditionalGeneration`, ...; or a PEFT wrapper of one).
 
-    * loss = LM cross-entropy (normalised over the tokens of the whole accumulated batch) +
-      budget_weight * (R_I + R_OT), the budget term averaged over the accumulation steps, so the
-      number of accumulation steps changes neither term's weight;
+    * loss = LM cross-entropy (normalised over the tokens of the whole accumulated batch, or with
+      `loss_average="answer"` each answer's mean averaged over the answers: short answers then weigh as
+      much as long ones) + budget_weight * (R_I + R_OT), the budget term averaged over the accumulation
+      steps, so the number of accumulation steps changes neither term's weight;
     * the Gumbel-Softmax temperature follows `gumbel_temperature` of the optimizer step (so a
       resumed run continues it exactly);
     * predictors get `predictor_learning_rate`, everything else trainable `args.learning_rate`;
@@ -73,9 +76,11 @@ class DynamicLlavaTrainer(Trainer):
       saving leaves the previous checkpoint as the latest.
     """
 
-    def __init__(self, *args, predictor_learning_rate: float = 2e-4, run_fingerprint: dict | None = None, **kwargs):
+    def __init__(self, *args, predictor_learning_rate: float = 2e-4, run_fingerprint: dict | None = None,
+                 loss_average: str = "token", **kwargs):
         super().__init__(*args, **kwargs)
         self.predictor_learning_rate = predictor_learning_rate
+        self.loss_average = loss_average
         self.run_fingerprint = run_fingerprint  # written into each checkpoint as run.json
         self.loss_is_scaled_for_ga = True
         self._metric_sums: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last log
@@ -87,7 +92,9 @@ class DynamicLlavaTrainer(Trainer):
         outputs = model(**inputs, gumbel_tau=tau, num_items_in_batch=num_items_in_batch,
                         mask_gradient_scale=1.0 / self.current_gradient_accumulation_steps)
         lm_loss = outputs.lm_loss
-        if num_items_in_batch is None:
+        if self.loss_average == "answer":
+            lm_loss = per_answer_loss(outputs.logits, inputs["labels"]) / self.current_gradient_accumulation_steps
+        elif num_items_in_batch is None:
             lm_loss = lm_loss / self.current_gradient_accumulation_steps
         elif self.args.average_tokens_across_devices:
             lm_loss = lm_loss * self.accelerator.num_processes  # DDP averages; the count spans all ranks

@@ -5,8 +5,10 @@
 2. train the projector and decoder of the tiny dense LLaVA (stock `LlavaForConditionalGeneration`) on
    short questions, the loss normalised per answer, at a constant learning rate until every question type
    reaches its held-out target; then on questions, descriptions and listings together, ending with a
-   decay once the targets hold;
-3. fine-tune Dynamic-LLaVA I|T from it with the sparsification-aware recipe (`training.train`);
+   decay once the targets hold; then a polish at a lower, decaying learning rate with counting (the
+   hardest type) weighted up;
+3. fine-tune Dynamic-LLaVA I|T from it with the sparsification-aware recipe (`training.train`), the loss
+   normalised per answer as in the dense stages;
 4. save both (fp16 weights, with the processor) and evaluate them on the test split and on a fresh
    generator seed.
 
@@ -59,6 +61,8 @@ class WorldRecipe:
     question_target: float = 0.98
     long_steps: int = 1500  # at most: questions, descriptions and listings together
     long_decay_steps: int = 300
+    polish_steps: int = 800  # counting weighted up, the learning rate decaying from polish_learning_rate
+    polish_learning_rate: float = 3e-4
     batch_size: int = 32
     dense_learning_rate: float = 1e-3
     dense_weight_decay: float = 0.0
@@ -72,22 +76,25 @@ class WorldRecipe:
     text_keep_rate: float = 0.5
     min_answer_tokens: int = 30  # long answers (descriptions, listings) have their generated tokens judged
     dynamic_max_grad_norm: float = 5.0
+    dynamic_loss_average: str = "answer"  # as the dense stages: short answers weigh as much as descriptions
     eval_limit: int | None = None
 
 
-DENSE_FIELDS = ("seed", "vision_steps", "vision_batch_size", "pool_size", "held_out_size", "question_steps",
-                "question_target", "long_steps", "long_decay_steps", "batch_size", "dense_learning_rate",
-                "dense_weight_decay", "decoder_heads")  # the settings that shape the dense model
+DENSE_FIELDS = ("seed", "vision_steps", "vision_batch_size", "pool_size", "held_out_size", "batch_size",
+                "dense_learning_rate", "dense_weight_decay", "decoder_heads")  # shape every dense stage
+STAGE_FIELDS = (("question_steps", "question_target"), ("long_steps", "long_decay_steps"),
+                ("polish_steps", "polish_learning_rate"))  # shape dense stage k and every later one
 
 
-def _dense_fingerprint(recipe: WorldRecipe) -> dict:
-    """The recipe's settings that shape the dense model, as saved beside each dense stage."""
-    return {k: getattr(recipe, k) for k in DENSE_FIELDS}
+def _dense_fingerprint(recipe: WorldRecipe, stage: int | None = None) -> dict:
+    """The recipe's settings that shape dense stage `stage` (0-based; None: the last), as saved beside it."""
+    fields = [*DENSE_FIELDS, *(f for own in STAGE_FIELDS[: None if stage is None else stage + 1] for f in own)]
+    return {k: getattr(recipe, k) for k in fields}
 
 
-def _check_same_run(found: dict, recipe: WorldRecipe, where: Path) -> None:
-    """Refuse to reuse a dense stage that another recipe wrote, naming the settings that differ."""
-    wanted = _dense_fingerprint(recipe)
+def _check_same_run(found: dict, recipe: WorldRecipe, where: Path, stage: int | None = None) -> None:
+    """Refuse to reuse dense stage `stage` if another recipe wrote it, naming the settings that differ."""
+    wanted = _dense_fingerprint(recipe, stage)
     differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
     if differ:
         listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
@@ -128,6 +135,9 @@ def _dense_stages(recipe: WorldRecipe) -> list[Stage]:
         Stage("long answers", {**{k: 0.1 for k in QUESTION_TYPES}, "describe": 0.25, "list": 0.25},
               recipe.long_steps, recipe.dense_learning_rate, recipe.batch_size, recipe.dense_weight_decay,
               targets={**targets, "describe": 0.99}, min_steps=300, decay_steps=recipe.long_decay_steps),
+        Stage("polish", {"color": 0.1, "shape": 0.1, "count": 0.3, "exist": 0.15, "position": 0.1, "describe": 0.125,
+                         "list": 0.125}, recipe.polish_steps, recipe.polish_learning_rate, recipe.batch_size,
+              recipe.dense_weight_decay, decay_steps=recipe.polish_steps),
     ]
 
 
@@ -145,7 +155,7 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         folder = work / f"dense-{index + 1}"
         if (folder / "stage.json").is_file():  # done by an earlier run of this build
             done = json.loads((folder / "stage.json").read_text())
-            _check_same_run(done.get("recipe", {}), recipe, folder)
+            _check_same_run(done.get("recipe", {}), recipe, folder, index)
             dense.load_state_dict(load_file(folder / "model.safetensors"))
             record["stages"].append(done)
             continue
@@ -154,8 +164,8 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         resume = work / f"dense-{index + 1}.state.pt"  # a stopped build continues the stage from its last check
         stamp = work / f"dense-{index + 1}.recipe.json"
         if resume.is_file() and stamp.is_file():
-            _check_same_run(json.loads(stamp.read_text()), recipe, resume)
-        stamp.write_text(json.dumps(_dense_fingerprint(recipe)))
+            _check_same_run(json.loads(stamp.read_text()), recipe, resume, index)
+        stamp.write_text(json.dumps(_dense_fingerprint(recipe, index)))
         result = train_stage(dense, encoder, *pools, stage, seed=recipe.seed, pad_id=processor.tokenizer.pad_token_id,
                              checkpoint=resume)
         log(f"dense stage {stage.name!r}: {result['steps']} steps, {result['seconds']} s, targets met: "
@@ -163,7 +173,7 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         staging = work / f"dense-{index + 1}.partial"
         staging.mkdir(parents=True, exist_ok=True)
         save_file(dense.state_dict(), staging / "model.safetensors")
-        (staging / "stage.json").write_text(json.dumps({**result, "recipe": _dense_fingerprint(recipe)}))
+        (staging / "stage.json").write_text(json.dumps({**result, "recipe": _dense_fingerprint(recipe, index)}))
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -227,6 +237,7 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
         predictor_learning_rate=recipe.predictor_learning_rate, max_steps=recipe.dynamic_steps,
         batch_size=recipe.batch_size, save_steps=max(recipe.dynamic_steps // 4, 1), logging_steps=25,
         seed=recipe.seed, resume=True, max_grad_norm=recipe.dynamic_max_grad_norm,
+        loss_average=recipe.dynamic_loss_average,
         sparsity={"image_keep_rate": recipe.image_keep_rate, "text_keep_rate": recipe.text_keep_rate,
                   "min_answer_tokens": recipe.min_answer_tokens},
     ))
