@@ -62,12 +62,13 @@ def test_speed_results_count_what_each_method_keeps(speed_results):
     assert results["dynamic-llava"]["prefill_flops"] > results["fastv"]["prefill_flops"]
 
 
-def test_speed_harness_measures_a_qwen_model():
-    """The same harness on Qwen2-VL (multimodal RoPE): what each method keeps, and its exact FLOPs."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_speed_harness_measures_a_qwen_model(family):
+    """The same harness on Qwen-VL (multimodal RoPE): what each method keeps, and its exact FLOPs."""
     from dynamic_llava.benchmarking import qwen_random_workload
     from tiny_qwen import tiny_pair
 
-    model, _ = tiny_pair("qwen2_vl")
+    model, _ = tiny_pair(family)
     workload = qwen_random_workload(model, batch=2, text_before=3, text_after=2, image_side=4)
     methods = methods_at_budget(image_keep_rate=0.25, text_keep_rate=0.5, trained=False)
     results = measure_methods(model, workload, methods, repeats=1, decode_tokens=8, no_cache_tokens=2,
@@ -77,6 +78,34 @@ def test_speed_harness_measures_a_qwen_model():
     assert results["dynamic-llava"]["prefill_flops"] < results["dense"]["prefill_flops"]
     assert results["dynamic-llava"]["kv_bytes_final"] < results["dense"]["kv_bytes_final"]
     assert all(r["no_cache_tokens"] == 2 for r in results.values())
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_speed_harness_measures_an_anyres_model(family):
+    """The same harness on LLaVA-NeXT and LLaVA-OneVision (anyres tiles, row-end tokens): what each method keeps,
+    and its exact FLOPs with the tower run once per tile."""
+    from test_onevision import pair as onevision_pair
+    from tiny_next import tiny_next_pair
+
+    from dynamic_llava import costs
+    from dynamic_llava.benchmarking import next_random_workload
+    from dynamic_llava.benchmarking.speed import exact_prefill_flops
+
+    model, _ = tiny_next_pair() if family == "llava_next" else onevision_pair()
+    workload = next_random_workload(model, batch=2, text_before=3, text_after=2, image_size=(16, 32))
+    assert workload.vision_passes == 3  # two tiles and the overview
+    assert workload.image_tokens == 16 + 4 * 8 + 4  # overview + two tiles of 4 x 4 + an end token per row
+    assert int((workload.inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * workload.image_tokens
+    methods = methods_at_budget(image_keep_rate=0.25, text_keep_rate=0.5, trained=False)
+    results = measure_methods(model, workload, methods, repeats=1, decode_tokens=8, no_cache_tokens=2,
+                              checkpoints=(1, 4, 8), log=lambda _: None)
+    assert results["dense"]["image_tokens_kept"] == workload.image_tokens
+    assert results["dynamic-llava"]["image_tokens_kept"] == results["fastv"]["image_tokens_kept"] == 13
+    assert results["dynamic-llava"]["kv_bytes_final"] < results["dense"]["kv_bytes_final"]
+    dense = exact_prefill_flops(model, methods[0], workload, workload.image_tokens)
+    vision = costs.vision_flops(model.config, 3) * 2
+    assert dense - vision == costs.prefill_flops(model.config.text_config, workload.prompt_tokens, 2,
+                                                 workload.prompt_tokens) * 2
 
 
 def test_speed_plots_are_written(speed_results, tmp_path):

@@ -298,6 +298,11 @@ def test_a_world_build_refuses_dense_stages_of_another_recipe(tmp_path):
     _check_same_run(same, recipe, tmp_path / "dense-3")  # the same recipe: reused
     with pytest.raises(ValueError, match=r"question_steps: 10 there, 4000 now.*another --work folder"):
         _check_same_run({**same, "question_steps": 10}, recipe, tmp_path / "dense-1", 0)
+    # the fine-tune's folder follows the dense model's settings: another dense model never resumes its checkpoints
+    from dynamic_llava.world.build import dynamic_folder
+
+    assert dynamic_folder(recipe) == dynamic_folder(WorldRecipe(work=str(tmp_path), dynamic_steps=9))
+    assert dynamic_folder(recipe) != dynamic_folder(WorldRecipe(work=str(tmp_path), polish_steps=5))
     # a stage is judged by the settings of the stages up to it: a later stage's settings do not matter
     first = _dense_fingerprint(recipe, 0)
     assert "question_steps" in first and "long_steps" not in first and "polish_steps" not in first

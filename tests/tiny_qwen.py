@@ -16,6 +16,7 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 
 from dynamic_llava import (
@@ -128,8 +129,8 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def tiny_qwen_processor() -> Qwen2VLProcessor:
-    """A real Qwen2-VL processor for the tiny configs: a BPE tokenizer with Qwen's special tokens, the stock PIL
+def tiny_qwen_processor(family: str = "qwen2_vl"):
+    """A real Qwen2-VL (or Qwen3-VL) processor for the tiny configs: a BPE tokenizer with Qwen's special tokens, the stock PIL
     image processor with 4-px patches merged 2 x 2, and a Qwen-style chat template."""
     from tiny_processor import CORPUS, without_video_processor
 
@@ -143,5 +144,6 @@ def tiny_qwen_processor() -> Qwen2VLProcessor:
     assert tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>"]) == [IMAGE, START]
     images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
                                       size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-    return without_video_processor(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer,
-                                                     chat_template=QWEN_CHAT_TEMPLATE)
+    processor_class = Qwen3VLProcessor if family == "qwen3_vl" else Qwen2VLProcessor  # Qwen2.5-VL's is Qwen2-VL's
+    return without_video_processor(processor_class)(image_processor=images, tokenizer=tokenizer,
+                                                    chat_template=QWEN_CHAT_TEMPLATE)

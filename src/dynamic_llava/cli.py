@@ -238,7 +238,7 @@ def _split(value: str, kind, option: str) -> tuple:
 def bench(
     models: str = typer.Option("tiny,wide", help="Comma-separated: tiny (the trained world model), wide (random "
                                "weights, LLaVA-1.5-7B layer width, few layers), wide-qwen (the same at Qwen2-VL-7B's "
-                               "width, multimodal RoPE)."),
+                               "width, multimodal RoPE), wide-next (LLaVA-NeXT-7B's width, anyres tiles)."),
     batches: str = typer.Option("1,8", help="Comma-separated batch sizes."),
     checkpoint: str = typer.Option("checkpoints/tiny-dynamic-llava", help="The trained world model (for tiny)."),
     image_keep_rate: float = typer.Option(0.2, help="Image-token budget shared by every pruning method."),

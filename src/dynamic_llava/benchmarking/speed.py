@@ -80,6 +80,7 @@ class Workload:
     batch: int
     pad_token_id: int
     suppress: list[int] = field(default_factory=list)  # never generated (e.g. the image token)
+    vision_passes: int = 1  # vision-tower passes per image (LLaVA-NeXT: one per anyres tile and the overview)
 
 
 def _generate(model, workload: Workload, policy, new_tokens: int, use_cache: bool, recorder=None, cache=None,
@@ -100,7 +101,7 @@ def exact_prefill_flops(model, method: Method, workload: Workload, image_tokens_
     kept_tokens = workload.prompt_tokens - workload.image_tokens + image_tokens_kept
     per_sample = costs.prefill_flops(text, workload.prompt_tokens, k, kept_tokens)
     if hasattr(config.vision_config, "image_size"):  # a CLIP tower (LLaVA); Qwen-VL's here is one tiny layer
-        per_sample += costs.vision_flops(config)
+        per_sample += costs.vision_flops(config, workload.vision_passes)
     runs_predictor = method.name == "dynamic-llava" and image_tokens_kept < workload.image_tokens
     if runs_predictor:
         per_sample += costs.image_predictor_flops(config, workload.image_tokens)

@@ -17,15 +17,17 @@ from .methods import methods_at_budget
 from .speed import measure_methods
 from .workloads import (
     load_world_model,
+    next_random_workload,
     qwen_random_workload,
     random_workload,
     wide_model,
+    wide_next_model,
     wide_qwen_model,
     world_workload,
 )
 
 
-BENCH_MODELS = ("tiny", "wide", "wide-qwen")
+BENCH_MODELS = ("tiny", "wide", "wide-qwen", "wide-next")
 
 
 @dataclass
@@ -56,7 +58,7 @@ class SpeedSettings:
         for name in self.models:
             if name not in BENCH_MODELS:
                 raise ValueError(f"models={','.join(self.models)!r}: unknown model {name!r}; choose from "
-                                 f"{', '.join(BENCH_MODELS)} (tiny: the trained world model, wide / wide-qwen: random weights).")
+                                 f"{', '.join(BENCH_MODELS)} (tiny: the trained world model, wide / wide-qwen / wide-next: random weights).")
         if not self.batches:
             raise ValueError("batches=(): expected at least one batch size.")
         for batch in self.batches:
@@ -88,6 +90,11 @@ def _model_and_workloads(name: str, settings: SpeedSettings):
         model = wide_qwen_model(layers=settings.wide_layers, seed=settings.seed)
         trained = False
         make = lambda batch: qwen_random_workload(model, batch, seed=settings.seed)  # noqa: E731
+        lengths = (settings.wide_decode_tokens, settings.wide_no_cache_tokens)
+    elif name == "wide-next":
+        model = wide_next_model(layers=settings.wide_layers, seed=settings.seed)
+        trained = False
+        make = lambda batch: next_random_workload(model, batch, seed=settings.seed)  # noqa: E731
         lengths = (settings.wide_decode_tokens, settings.wide_no_cache_tokens)
     else:
         raise ValueError(f"Unknown benchmark model {name!r}: use {' or '.join(repr(m) for m in BENCH_MODELS)}.")

@@ -15,14 +15,11 @@ from .speed import Workload
 PAD, BOS, EOS = 0, 1, 2
 
 
-def wide_model(hidden: int = 4096, layers: int = 4, intermediate: int = 11008, heads: int = 32, vocab: int = 32064,
-               sparse_layer: int = 2, image_size: int = 336, patch_size: int = 14, max_positions: int = 4096,
-               seed: int = 0, dtype: torch.dtype = torch.float32) -> DynamicLlavaForConditionalGeneration:
-    """A random-weight LLaVA whose decoder layers have LLaVA-1.5-7B's width (hidden 4096, FFN 11008, 32 heads)
-    but only `layers` of them, and a one-layer CLIP tower giving (336 / 14)^2 = 576 image tokens cheaply:
-    the prefill cost is the decoder's, as in the real model, without 7B weights in memory."""
+def _llava_parts(hidden: int, layers: int, intermediate: int, heads: int, vocab: int, image_size: int,
+                 patch_size: int, max_positions: int) -> dict:
+    """Config parts of a LLaVA-style model with a wide Llama decoder and a one-layer CLIP tower (cheap features)."""
     vision_width = 64
-    config = DynamicLlavaConfig(
+    return dict(
         vision_config=dict(model_type="clip_vision_model", hidden_size=vision_width, intermediate_size=4 * vision_width,
                            num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=patch_size,
                            projection_dim=vision_width),
@@ -31,8 +28,18 @@ def wide_model(hidden: int = 4096, layers: int = 4, intermediate: int = 11008, h
                          vocab_size=vocab, max_position_embeddings=max_positions, pad_token_id=PAD, bos_token_id=BOS,
                          eos_token_id=EOS),
         image_token_index=min(32000, vocab - 1), vision_feature_layer=-1,
-        image_seq_length=(image_size // patch_size) ** 2, sparse_layer=sparse_layer,
+        image_seq_length=(image_size // patch_size) ** 2,
     )
+
+
+def wide_model(hidden: int = 4096, layers: int = 4, intermediate: int = 11008, heads: int = 32, vocab: int = 32064,
+               sparse_layer: int = 2, image_size: int = 336, patch_size: int = 14, max_positions: int = 4096,
+               seed: int = 0, dtype: torch.dtype = torch.float32) -> DynamicLlavaForConditionalGeneration:
+    """A random-weight LLaVA whose decoder layers have LLaVA-1.5-7B's width (hidden 4096, FFN 11008, 32 heads)
+    but only `layers` of them, and a one-layer CLIP tower giving (336 / 14)^2 = 576 image tokens cheaply:
+    the prefill cost is the decoder's, as in the real model, without 7B weights in memory."""
+    config = DynamicLlavaConfig(**_llava_parts(hidden, layers, intermediate, heads, vocab, image_size, patch_size,
+                                               max_positions), sparse_layer=sparse_layer)
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = DynamicLlavaForConditionalGeneration(config)
@@ -64,6 +71,53 @@ def wide_qwen_model(hidden: int = 3584, layers: int = 4, intermediate: int = 189
     with torch.device("cpu"):
         model = DynamicQwen2VLForConditionalGeneration(config)
     return model.to(dtype).eval()
+
+
+def wide_next_model(hidden: int = 4096, layers: int = 4, intermediate: int = 11008, heads: int = 32,
+                    vocab: int = 32064, sparse_layer: int = 2, tile: int = 224, patch_size: int = 14,
+                    max_positions: int = 8192, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight LLaVA-NeXT (anyres) whose decoder layers have LLaVA-NeXT-7B's width (Vicuna: hidden 4096,
+    FFN 11008, 32 heads) but only `layers` of them, and a one-layer CLIP tower on `tile`-px tiles (224: 256 tokens
+    a tile, so an image of two tiles is 800 tokens with its overview and row ends)."""
+    from ..llava_next import DynamicLlavaNextConfig, DynamicLlavaNextForConditionalGeneration
+
+    config = DynamicLlavaNextConfig(
+        **_llava_parts(hidden, layers, intermediate, heads, vocab, tile, patch_size, max_positions),
+        vision_feature_select_strategy="default", sparse_layer=sparse_layer,
+        image_grid_pinpoints=[[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]],
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = DynamicLlavaNextForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def next_random_workload(model, batch: int, text_before: int = 20, text_after: int = 20,
+                         image_size: tuple[int, int] | None = None, seed: int = 0) -> Workload:
+    """`batch` equal-length LLaVA-NeXT (or LLaVA-OneVision) prompts: random text around one image of random pixels
+    each, of `image_size` (height, width; default: two tiles side by side), cut into anyres tiles as the processor
+    does."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    tile = config.vision_config.image_size
+    height, width = image_size or (tile, 2 * tile)
+    tiles = image_size_to_num_patches((height, width), config.image_grid_pinpoints, tile)
+    pixels = torch.randn(batch, tiles, 3, tile, tile, generator=g).to(model.dtype)
+    sizes = torch.tensor([[height, width]] * batch)
+    with torch.no_grad():  # the image token count of this size: what the processor would expand to
+        per_image = len(model.model.get_image_features(pixels[:1], sizes[:1]).pooler_output[0])
+    words = torch.tensor([i for i in range(3, config.text_config.vocab_size) if i != config.image_token_id])
+
+    def text(n):
+        return words[torch.randint(len(words), (n,), generator=g)]
+
+    ids = torch.stack([torch.cat([torch.tensor([BOS]), text(text_before - 1),
+                                  torch.full((per_image,), config.image_token_id), text(text_after)])
+                       for _ in range(batch)])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": sizes}
+    return Workload(inputs, ids.shape[1], per_image, batch, PAD, [config.image_token_id], vision_passes=tiles)
 
 
 def qwen_random_workload(model, batch: int, text_before: int = 20, text_after: int = 20, image_side: int = 24,

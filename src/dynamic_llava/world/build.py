@@ -7,8 +7,7 @@
    reaches its held-out target; then on questions, descriptions and listings together, ending with a
    decay once the targets hold; then a polish at a lower, decaying learning rate with counting (the
    hardest type) weighted up;
-3. fine-tune Dynamic-LLaVA I|T from it with the sparsification-aware recipe (`training.train`), the loss
-   normalised per answer as in the dense stages;
+3. fine-tune Dynamic-LLaVA I|T from it with the sparsification-aware recipe (`training.train`);
 4. save both (fp16 weights, with the processor) and evaluate them on the test split and on a fresh
    generator seed.
 
@@ -20,6 +19,7 @@ resumes where it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -76,7 +76,7 @@ class WorldRecipe:
     text_keep_rate: float = 0.5
     min_answer_tokens: int = 30  # long answers (descriptions, listings) have their generated tokens judged
     dynamic_max_grad_norm: float = 5.0
-    dynamic_loss_average: str = "answer"  # as the dense stages: short answers weigh as much as descriptions
+    dynamic_loss_average: str = "token"  # "answer" (as the dense stages) scored no better here, with worse descriptions
     eval_limit: int | None = None
 
 
@@ -196,6 +196,13 @@ def _save_fp16(model, processor, folder: Path) -> None:
     staging.rename(folder)
 
 
+def dynamic_folder(recipe: WorldRecipe) -> Path:
+    """Where the fine-tune runs: named by the dense model's settings, so a rerun after another dense build starts
+    afresh instead of resuming checkpoints fine-tuned from the old dense model."""
+    digest = hashlib.sha256(json.dumps(_dense_fingerprint(recipe), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(recipe.work) / f"dynamic-{digest}"
+
+
 def world_splits(root: Path, recipe: WorldRecipe) -> dict[str, Path]:
     """The fine-tune's training records and the two test splits (the build's seed and a fresh one)."""
     return {
@@ -233,7 +240,7 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
     processor.save_pretrained(dense_dir)
     final = train(TrainingRecipe(
         model=str(dense_dir), data=str(splits["train"]), images=str(splits["train"].parent / "images"),
-        output_dir=str(work / "dynamic"), trainable="full", learning_rate=recipe.dynamic_learning_rate,
+        output_dir=str(dynamic_folder(recipe)), trainable="full", learning_rate=recipe.dynamic_learning_rate,
         predictor_learning_rate=recipe.predictor_learning_rate, max_steps=recipe.dynamic_steps,
         batch_size=recipe.batch_size, save_steps=max(recipe.dynamic_steps // 4, 1), logging_steps=25,
         seed=recipe.seed, resume=True, max_grad_norm=recipe.dynamic_max_grad_norm,
@@ -255,4 +262,4 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
     return report
 
 
-__all__ = ["WorldRecipe", "build_world", "finish_world", "train_dense", "world_splits", "DENSE_DIR", "DYNAMIC_DIR"]
+__all__ = ["WorldRecipe", "build_world", "dynamic_folder", "finish_world", "train_dense", "world_splits", "DENSE_DIR", "DYNAMIC_DIR"]
