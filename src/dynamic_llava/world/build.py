@@ -168,8 +168,8 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
         stamp.write_text(json.dumps(_dense_fingerprint(recipe, index)))
         result = train_stage(dense, encoder, *pools, stage, seed=recipe.seed, pad_id=processor.tokenizer.pad_token_id,
                              checkpoint=resume)
-        log(f"dense stage {stage.name!r}: {result['steps']} steps, {result['seconds']} s, targets met: "
-            f"{result['reached_targets']}")
+        met = "" if result["reached_targets"] is None else f", targets met: {result['reached_targets']}"
+        log(f"dense stage {stage.name!r}: {result['steps']} steps, {result['seconds']} s{met}")
         staging = work / f"dense-{index + 1}.partial"
         staging.mkdir(parents=True, exist_ok=True)
         save_file(dense.state_dict(), staging / "model.safetensors")

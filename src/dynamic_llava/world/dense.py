@@ -238,7 +238,7 @@ def train_stage(model, encoder: PromptEncoder, train: ScenePool, held_out: Scene
     bar.close()
     final = stage.history[-1] if stage.history else {}
     return {"name": stage.name, "steps": step, "seconds": round(time.time() - started),
-            "reached_targets": _targets_met(stage, final),
+            "reached_targets": _targets_met(stage, final) if stage.targets else None,  # None: a stage without any
             "history": stage.history}
 
 
