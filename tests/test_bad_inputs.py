@@ -216,6 +216,8 @@ API_CASES = [
     ("mask gradient unknown", config_with(mask_gradient="centred"), ValueError,
      r"mask_gradient='centred': expected 'balanced' or 'raw'"),
     ("mask gradient not a string", config_with(mask_gradient=1), TypeError, r"mask_gradient=1: expected"),
+    ("image mask sampling unknown", config_with(image_mask_sampling="topk"), ValueError,
+     r"image_mask_sampling='topk': expected 'gumbel' or 'top_share'"),
     ("balanced without a budget", config_with(budget_weight=0.0), ValueError,
      r"budget_weight=0.0: expected > 0 with mask_gradient='balanced'"),
     (
@@ -613,6 +615,18 @@ CLI_CASES = [
         lambda env: ["world", "--output", str(env.root / "w-out"), "--work", str(env.root / "w-work"),
                      "--vision-tower", str(env.root / "nope")],
         "no model.safetensors there",
+    ),
+    (
+        "world missing dense model",
+        lambda env: ["world", "--output", str(env.root / "w-out"), "--work", str(env.root / "w-work"),
+                     "--dense", str(env.root / "nope")],
+        "nope: no model.safetensors there (a folder an earlier build wrote as OUTPUT/tiny-llava)",
+    ),
+    (
+        "world unknown mask sampling",
+        lambda env: ["world", "--output", str(env.root / "w-out"), "--work", str(env.root / "w-work"),
+                     "--image-mask-sampling", "topk"],
+        "--image-mask-sampling topk: choose gumbel or top_share",
     ),
     (
         "world output is a file",

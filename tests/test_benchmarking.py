@@ -177,6 +177,21 @@ def test_accuracy_sweep_holds_the_budgets(world_checkpoint, tmp_path):
     assert path.stat().st_size > 0
 
 
+def test_accuracy_sweep_of_a_diverse_checkpoint_also_scores_its_top_k_selection(world_checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "tiny-dynamic-llava"
+    shutil.copytree(world_checkpoint, folder)
+    model = DynamicLlavaForConditionalGeneration.from_pretrained(folder, image_selection="diverse")
+    model.save_pretrained(folder)
+    settings = AccuracySettings(checkpoint=str(folder), baseline_checkpoint=None, image_rates=(0.2,),
+                                text_rates=(0.5,), questions=20, calibration=4, batch_size=8, seed=3)
+    report = run_accuracy(settings, log=lambda _: None)
+    points = {p["method"]: p for p in report["image_sweep"] if p["image_keep_rate"] == 0.2}
+    assert {"dynamic-llava", "dynamic-llava, top-k selection"} <= set(points)
+    assert points["dynamic-llava"]["image_tokens_kept"] == points["dynamic-llava, top-k selection"]["image_tokens_kept"]
+
+
 def test_bench_commands_refuse_a_missing_checkpoint(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "--models", "tiny", "--checkpoint", str(tmp_path / "nope")])

@@ -425,3 +425,29 @@ def test_attention_probe_runs_the_layers_own_attention(family):
     torch.testing.assert_close(probs, weights.mean(dim=1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(last[:, 0], weights.mean(dim=1)[:, 4], atol=1e-6, rtol=1e-5)
     assert keys.shape == (2, 2, 7, 8) and config._attn_implementation == "eager"  # restored after
+
+
+def test_diverse_ranks_pass_over_near_duplicates_and_are_prefix_consistent():
+    from dynamic_llava.policies import learned_image_scores
+    from dynamic_llava.policies.cdpruner import diverse_ranks
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 16, generator=g)
+    features[:, 1] = features[:, 0] + 1e-3  # token 1 nearly repeats token 0
+    quality = torch.tensor([[1.0, 0.99, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]] * 2)
+    ranks = diverse_ranks(quality, features, 4)
+    assert ranks[0, 0] == 4 and ranks[0, 1] == -1  # the best first, its near-copy not among the four
+    assert (ranks > 0).sum(1).tolist() == [4, 4]
+    two = diverse_ranks(quality, features, 2)
+    assert torch.equal(two.topk(2).indices.sort().values, ranks.topk(2).indices.sort().values)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 5:] = False
+    assert (diverse_ranks(quality, features, 5, valid)[1, 5:] == -1).all()  # padding is never chosen
+
+    class Settings:
+        image_selection, image_relevance = "top", 0.8
+
+    log_prob = quality.log()
+    assert learned_image_scores(Settings, log_prob, features, None, 4) is log_prob  # the paper's top-k
+    Settings.image_selection = "diverse"
+    assert torch.equal(learned_image_scores(Settings, log_prob, features, None, 4) > 0, ranks > 0)

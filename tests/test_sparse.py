@@ -233,3 +233,28 @@ def test_a_chunk_after_the_prompt_equals_the_whole_sequence_at_once(attn):
         whole = model(input_ids=torch.cat([ids, chunk], dim=1), attention_mask=full_mask, pixel_values=pixels)
     assert whole.kept_index is not None and after.kept_index is None  # the chunk is text: every token kept
     torch.testing.assert_close(after.logits, whole.logits[:, -3:], atol=1e-5, rtol=0)  # logits of kept tokens
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_diverse_selection_batches_exactly_and_equals_the_masked_reference(attn):
+    model = tiny_dynamic(attn=attn, image_keep_rate=0.3, image_selection="diverse")
+    top = tiny_dynamic(attn=attn, image_keep_rate=0.3)
+    ids, mask, pixels = make_prompts([3, 6, 1], [4, 2, 7], images_per_prompt=2, seed=6)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        key_kept = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, out.kept_index, out.kept_valid)
+        ref = masked_reference_logits(stock_copy(model, attn), ids, mask, pixels, key_kept, model.config.sparse_layer)
+        by_top = top(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        top_kept = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, by_top.kept_index, by_top.kept_valid)
+        batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **GEN)
+        for i in range(ids.shape[0]):
+            one_ids, one_mask = unpad(ids, mask, i)
+            single = model.generate(input_ids=one_ids, attention_mask=one_mask, pixel_values=pixels[2 * i : 2 * i + 2],
+                                    **GEN)
+            answer = single[0, one_ids.shape[1] :]  # may end early (its end token); the batch pads after it
+            assert torch.equal(answer, batched[i, ids.shape[1] : ids.shape[1] + answer.numel()]), f"sample {i}"
+    real = out.kept_valid & mask.bool().gather(1, out.kept_index)
+    ref_kept = ref.gather(1, out.kept_index.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    torch.testing.assert_close(out.logits[real], ref_kept[real], atol=1e-5, rtol=0)
+    assert int(key_kept.sum()) == int(top_kept.sum())  # the same count per image ...
+    assert not torch.equal(key_kept, top_kept)  # ... but other tokens than the highest scores

@@ -64,6 +64,36 @@ def test_eval_mode_masks_are_the_inference_decisions():
     torch.testing.assert_close(train_kept[real], inference.logits[real], atol=1e-5, rtol=0)
 
 
+def test_eval_mode_masks_are_the_inference_decisions_under_diverse_selection():
+    model = tiny_dynamic(image_keep_rate=0.25, image_selection="diverse").eval()
+    ids, mask, pixels = make_prompts([3, 6], [4, 2], seed=3)
+    with torch.no_grad():
+        inference = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        training = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids)
+    assert torch.equal(training.image_keep_ratio, torch.full((2,), 0.25))
+    real = inference.kept_valid & mask.bool().gather(1, inference.kept_index)
+    train_kept = training.logits.gather(1, inference.kept_index.unsqueeze(-1).expand(-1, -1, training.logits.shape[-1]))
+    torch.testing.assert_close(train_kept[real], inference.logits[real], atol=1e-5, rtol=0)
+
+
+def test_top_share_sampling_keeps_the_inference_count_and_its_gradient_reaches_the_image_predictor():
+    model = tiny_dynamic(image_keep_rate=0.25, image_mask_sampling="top_share").train()
+    ids, mask, pixels = make_prompts([3, 6], [8, 5], seed=4)
+    ratios = []
+    for _ in range(3):  # noisy: which tokens varies from draw to draw, how many does not
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids,
+                    answer_mask=answer_mask_for(mask, 4), gumbel_tau=0.5)
+        ratios.append(out.image_keep_ratio.detach())
+    out.loss.backward()
+    assert all(torch.equal(r, torch.full((2,), 0.25)) for r in ratios)
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("model.language_model.image_predictor")]
+    assert grads and sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    gumbel = tiny_dynamic(image_keep_rate=0.25).train()
+    counts = {float(gumbel(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids,
+                           gumbel_tau=0.5).image_keep_ratio[0]) for _ in range(5)}
+    assert len(counts) > 1  # the paper's per-token sample: the count varies
+
+
 def test_masked_attention_with_hard_mask_equals_removing_keys():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)

@@ -309,3 +309,29 @@ def test_a_world_build_refuses_dense_stages_of_another_recipe(tmp_path):
     _check_same_run(first, WorldRecipe(work=str(tmp_path), polish_steps=5), tmp_path / "dense-1", 0)
     with pytest.raises(ValueError, match=r"polish_steps: 800 there, 5 now"):
         _check_same_run(same, WorldRecipe(work=str(tmp_path), polish_steps=5), tmp_path / "dense-3", 2)
+
+
+def test_a_fine_tune_can_start_from_an_earlier_builds_dense_model(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from dynamic_llava.world.build import DENSE_DIR, WorldRecipe, dynamic_folder, load_dense
+
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=2))
+    model.to(torch.float16).save_pretrained(tmp_path / DENSE_DIR)
+    processor.save_pretrained(tmp_path / DENSE_DIR)
+    (tmp_path / "world_report.json").write_text(json.dumps({"stages": [{"steps": 3}], "dense_seconds": 7}))
+    recipe = WorldRecipe(work=str(tmp_path / "work"), dense=str(tmp_path / DENSE_DIR))
+    dense, loaded_processor, record = load_dense(recipe)
+    assert dense.dtype == torch.float32 and record["stages"] == [{"steps": 3}] and record["dense_seconds"] == 7
+    for (name, a), b in zip(model.state_dict().items(), dense.state_dict().values()):
+        assert torch.equal(a.float(), b), name
+    assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    # the fine-tune's folder is named by the dense weights: other weights never resume its checkpoints
+    first = dynamic_folder(recipe)
+    assert first != dynamic_folder(WorldRecipe(work=str(tmp_path / "work")))
+    with torch.no_grad():
+        model.model.language_model.norm.weight.add_(1.0)
+    model.save_pretrained(tmp_path / DENSE_DIR)
+    assert dynamic_folder(recipe) != first

@@ -146,6 +146,10 @@ def train(
     min_answer_tokens: int = typer.Option(None, help="Answers shorter than this keep every token (default 50)."),
     mask_gradient: str = typer.Option(None, help="balanced | raw: how the LM loss's gradient reaches the keep masks "
                                       "(default: the model's, balanced; raw is the authors' estimator)."),
+    image_mask_sampling: str = typer.Option(None, help="gumbel | top_share: the training image mask, sampled per "
+                                            "token (the paper's) or each image's inference share (default: gumbel)."),
+    image_selection: str = typer.Option(None, help="top | diverse: which image tokens the learned scores keep, the "
+                                        "highest (the paper's) or distinct ones by greedy DPP (default: top)."),
     on_bad_record: str = typer.Option("skip", help="skip | raise: what to do with a malformed record."),
     chat_template: str = typer.Option(
         None, help='"llava_v1" (answers end with </s>) or a Jinja template; default: the processor\'s.'
@@ -166,6 +170,7 @@ def train(
         for name, value in dict(
             image_keep_rate=image_keep_rate, text_keep_rate=text_keep_rate, sparse_layer=sparse_layer,
             budget_weight=budget_weight, min_answer_tokens=min_answer_tokens, mask_gradient=mask_gradient,
+            image_mask_sampling=image_mask_sampling, image_selection=image_selection,
         ).items()
         if value is not None
     }
@@ -200,17 +205,24 @@ def world(
     seed: int = typer.Option(0, min=0, help="Seeds the world, the weights and the data order."),
     vision_steps: int = typer.Option(1200, min=1, help="Vision-tower pre-training steps on patch labels (stage 0)."),
     vision_tower: str = typer.Option(None, help="Reuse the vision tower an earlier build saved (WORK/vision_tower)."),
+    dense: str = typer.Option(None, help="Fine-tune from the dense model an earlier build saved (OUTPUT/tiny-llava): "
+                              "stages 0-2 skipped."),
     pool_size: int = typer.Option(20000, min=100, help="Training scenes whose tower features are cached."),
     question_steps: int = typer.Option(4000, min=1, help="Most dense steps on short questions (ends at the target)."),
     long_steps: int = typer.Option(1500, min=1, help="Most dense steps on questions, descriptions and listings."),
     polish_steps: int = typer.Option(800, min=1, help="Dense steps at a decaying learning rate, counting weighted up."),
     dynamic_steps: int = typer.Option(400, min=1, help="Dynamic-LLaVA fine-tuning steps."),
+    image_mask_sampling: str = typer.Option("gumbel", help="gumbel | top_share: the fine-tune's image masks, "
+                                            "sampled per token (the paper's) or each image's inference share."),
+    image_selection: str = typer.Option("diverse", help="top | diverse: which image tokens the fine-tuned model's "
+                                        "scores keep, saved in its config (top: the paper's top-k)."),
     test_size: int = typer.Option(1200, min=10, help="Records in each test split (the build's seed and a fresh one)."),
 ) -> None:
     """Build the synthetic world from nothing: data, a tiny dense LLaVA, its Dynamic-LLaVA, and their accuracy."""
     import json
     from pathlib import Path
 
+    from .config import IMAGE_MASK_SAMPLINGS, IMAGE_SELECTIONS
     from .world.build import WorldRecipe, build_world
 
     _writable_folder(output, "--output")
@@ -218,10 +230,17 @@ def world(
     if vision_tower is not None and not (Path(vision_tower) / "model.safetensors").is_file():
         _fail(f"--vision-tower {vision_tower}: no model.safetensors there (a folder an earlier build wrote as "
               "WORK/vision_tower).")
+    if dense is not None and not (Path(dense) / "model.safetensors").is_file():
+        _fail(f"--dense {dense}: no model.safetensors there (a folder an earlier build wrote as OUTPUT/tiny-llava).")
+    if image_mask_sampling not in IMAGE_MASK_SAMPLINGS:
+        _fail(f"--image-mask-sampling {image_mask_sampling}: choose {' or '.join(IMAGE_MASK_SAMPLINGS)}.")
+    if image_selection not in IMAGE_SELECTIONS:
+        _fail(f"--image-selection {image_selection}: choose {' or '.join(IMAGE_SELECTIONS)}.")
     report = build_world(WorldRecipe(
         output=output, work=work, seed=seed, vision_steps=vision_steps, vision_tower=vision_tower,
         pool_size=pool_size, question_steps=question_steps, long_steps=long_steps, polish_steps=polish_steps,
-        dynamic_steps=dynamic_steps,
+        dynamic_steps=dynamic_steps, dense=dense, dynamic_image_mask_sampling=image_mask_sampling,
+        dynamic_image_selection=image_selection,
         test_size=test_size,
     ), log=typer.echo)
     typer.echo(json.dumps(report, indent=2))

@@ -24,8 +24,10 @@ STRUCTURE_FIELDS = (
 )
 
 SPARSITY_FIELDS = ("sparse_layer", "image_keep_rate", "text_keep_rate", *STRUCTURE_FIELDS, "budget_weight",
-                   "min_answer_tokens", "mask_gradient")
+                   "min_answer_tokens", "mask_gradient", "image_mask_sampling", "image_selection", "image_relevance")
 MASK_GRADIENTS = ("balanced", "raw")
+IMAGE_MASK_SAMPLINGS = ("gumbel", "top_share")
+IMAGE_SELECTIONS = ("top", "diverse")
 
 
 def check_setting(name: str, value, num_layers: int) -> None:
@@ -51,6 +53,16 @@ def check_setting(name: str, value, num_layers: int) -> None:
     elif name == "mask_gradient" and value not in MASK_GRADIENTS:
         raise invalid(name, value, " or ".join(repr(m) for m in MASK_GRADIENTS),
                       "'raw' is the authors' estimator, 'balanced' lets the budget set how many tokens are kept",
+                      kind=TypeError if not isinstance(value, str) else ValueError)
+    elif name == "image_selection" and value not in IMAGE_SELECTIONS:
+        raise invalid(name, value, " or ".join(repr(m) for m in IMAGE_SELECTIONS),
+                      "'top' keeps the highest learned scores (the paper's), 'diverse' trades near-duplicates for "
+                      "distinct tokens", kind=TypeError if not isinstance(value, str) else ValueError)
+    elif name == "image_relevance":
+        check_number(name, value, 0.0, 1.0, hint="the learned score's weight in the diverse selection's quality")
+    elif name == "image_mask_sampling" and value not in IMAGE_MASK_SAMPLINGS:
+        raise invalid(name, value, " or ".join(repr(m) for m in IMAGE_MASK_SAMPLINGS),
+                      "'gumbel' is the paper's per-token sample, 'top_share' keeps each image's inference share",
                       kind=TypeError if not isinstance(value, str) else ValueError)
 
 
@@ -96,6 +108,19 @@ class SparsitySettings:
         half, so that the LM loss decides *which* tokens are kept and the budget term *how many*,
         whatever the size of the LM's gradient (`losses.balance_mask_gradient`). It needs
         budget_weight > 0.
+    image_mask_sampling : str
+        Training: how the image keep mask is drawn. "gumbel" (default, the paper's) samples each image
+        token on its own (hard Gumbel-Softmax), so the number kept varies around the target. "top_share"
+        keeps exactly what inference keeps, each image's top floor(rate x tokens) by the predictor's
+        score plus logistic noise, with the same straight-through gradient: the language model is
+        fine-tuned on inputs shaped as inference gives them.
+    image_selection : str
+        Which image tokens the learned predictor's scores keep. "top" (default, the paper's): each image's
+        highest keep probabilities. "diverse": greedy DPP over the tokens' layer-K hidden states with the
+        keep probability as quality (`policies.learned_image_scores`), so several patches of one object
+        give way to distinct ones. Training under "top_share" sampling chooses the same way.
+    image_relevance : float
+        Under "diverse": the keep probability's weight in the quality, in [0, 1] (the rest is uniform).
     """
 
     sparse_layer: int = 2
@@ -112,6 +137,9 @@ class SparsitySettings:
     budget_weight: float = 100.0
     min_answer_tokens: int = 50
     mask_gradient: str = "balanced"
+    image_mask_sampling: str = "gumbel"
+    image_selection: str = "top"
+    image_relevance: float = 0.8
 
     # the stock model types this config also reads (they get default sparsity settings)
     base_model_types: ClassVar[tuple[str, ...]] = ()

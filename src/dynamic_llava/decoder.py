@@ -43,8 +43,8 @@ from .attention import allowed_keys, masked_layer_forward
 from .cache import DynamicLlavaCache
 from .control import BUDGET, MARGIN, RATE, check_control
 from .losses import balance_mask_gradient
-from .policies import LearnedPolicy, PolicyContext, TextSlots, TokenPolicy, attention_probe
-from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep
+from .policies import LearnedPolicy, PolicyContext, TextSlots, TokenPolicy, attention_probe, learned_image_scores
+from .predictors import KEEP, ImagePredictor, TextPredictor, keep_log_prob, sample_keep, sample_top_share
 from .stats import ForwardRecord
 
 _DEFAULT_POLICY = LearnedPolicy()
@@ -100,14 +100,18 @@ class ImageLayout:
             flat[self.index[self.valid]] = values[self.valid].to(out.dtype)
         return out
 
+    def keep_counts(self, rate) -> list[int]:
+        """How many tokens each image keeps: ``max(1, floor(rate * its tokens))`` (`rate`: one float or one per image)."""
+        rates = rate if isinstance(rate, (list, tuple)) else [rate] * len(self.counts)
+        return [max(1, math.floor(r * c + 1e-6)) for r, c in zip(rates, self.counts)]
+
     def top_share(self, scores: torch.Tensor, rate) -> torch.Tensor:
         """[images, T] bool: each image's top ``max(1, floor(rate * its tokens))`` by `scores` (higher first);
         `rate` is one float for every image or a list with one per image."""
         if self.valid is None and not isinstance(rate, (list, tuple)):
             n_keep = max(1, math.floor(rate * self.counts[0] + 1e-6))
             return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(n_keep, dim=1).indices, True)
-        rates = rate if isinstance(rate, (list, tuple)) else [rate] * len(self.counts)
-        k = torch.tensor([max(1, math.floor(r * c + 1e-6)) for r, c in zip(rates, self.counts)], device=scores.device)
+        k = torch.tensor(self.keep_counts(rate), device=scores.device)
         ranked = scores.float() if self.valid is None else scores.float().masked_fill(~self.valid, float("-inf"))
         order = ranked.argsort(dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
@@ -412,11 +416,21 @@ class SparseDecoder:
         key_keep = torch.ones(batch, seq, dtype=torch.float32, device=hidden.device)
         if image_token_mask is not None and self.image_predictor is not None and bool(image_token_mask.any()):
             layout = ImageLayout.from_mask(image_token_mask, tokens_per_image)
-            logits = self.image_predictor(layout.gather(hidden), layout.valid)
-            if self.training:
+            features = layout.gather(hidden)
+            logits = self.image_predictor(features, layout.valid)
+            rate = self.sparsity.image_keep_rate
+            k = max(layout.keep_counts(rate))
+
+            def choose(log_prob):  # what inference keeps, from these keep log-probabilities
+                return layout.top_share(learned_image_scores(self.sparsity, log_prob, features.detach(), layout.valid, k),
+                                        rate)
+
+            if self.training and self.sparsity.image_mask_sampling == "top_share":
+                keep = sample_top_share(logits, tau, choose)
+            elif self.training:
                 keep = sample_keep(logits, tau)
             else:
-                keep = layout.top_share(keep_log_prob(logits), self.sparsity.image_keep_rate).float()
+                keep = choose(keep_log_prob(logits)).float()
             key_keep = layout.scatter(key_keep, keep)
             counts = image_token_mask.sum(dim=1)
             record.image_tokens = counts
@@ -449,10 +463,12 @@ class SparseDecoder:
             return keep
         layout = ImageLayout.from_mask(image_token_mask, tokens_per_image)
         context.image_layout = layout
+        share = ([rates[s] for s in layout.samples()] if control is not None else rate) if not dense else None
+        context.image_keep_counts = None if dense else layout.keep_counts(share)
         policy_scores = None if dense else policy.image_scores(self, layout.gather(hidden), layout.gather(position_ids),
                                                                 context)
         if scores is not None:
-            if isinstance(policy, LearnedPolicy) and policy_scores is not None:
+            if isinstance(policy, LearnedPolicy) and policy_scores is not None and self.sparsity.image_selection == "top":
                 learned = policy_scores
             elif self.image_predictor is not None:
                 learned = keep_log_prob(self.image_predictor(layout.gather(hidden), layout.valid))
@@ -461,7 +477,6 @@ class SparseDecoder:
             scores.copy_(layout.scatter(scores, learned))
         if policy_scores is None:
             return keep
-        share = [rates[s] for s in layout.samples()] if control is not None else rate
         keep = layout.scatter(keep, layout.top_share(policy_scores, share))
         record.image_kept = (keep & image_token_mask).sum(dim=1)
         return keep

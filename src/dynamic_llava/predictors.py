@@ -79,4 +79,17 @@ def sample_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
     return nn.functional.gumbel_softmax(torch.log_softmax(logits.float(), dim=-1), tau=tau, hard=True)[..., KEEP]
 
 
-__all__ = ["ImagePredictor", "TextPredictor", "KEEP", "keep_log_prob", "sample_keep"]
+def sample_top_share(logits: torch.Tensor, tau: float, choose) -> torch.Tensor:
+    """Hard keep mask chosen as inference chooses: ``choose(log_prob)`` (bool, e.g. each image's top share) applied
+    to the keep log-probability of the margin plus logistic noise (the difference of the two Gumbel draws of
+    `sample_keep`); straight-through gradient from the noisy keep probability at temperature `tau`, as in
+    `sample_keep`. Sampled in fp32."""
+    logits = logits.float()
+    margin = logits[..., KEEP] - logits[..., 1 - KEEP]
+    u = torch.rand_like(margin).clamp(1e-6, 1 - 1e-6)
+    noisy = margin + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid(noisy / tau)
+    return choose(torch.nn.functional.logsigmoid(noisy.detach())).to(soft.dtype) + soft - soft.detach()
+
+
+__all__ = ["ImagePredictor", "TextPredictor", "KEEP", "keep_log_prob", "sample_keep", "sample_top_share"]

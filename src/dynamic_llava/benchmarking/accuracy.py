@@ -138,8 +138,13 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
                      "cdpruner": lambda r: CDPrunerPolicy(image_keep_rate=r),
                      "dart": lambda r: DARTPolicy(image_keep_rate=r),
                      "random": lambda r: RandomPolicy(image_keep_rate=r, seed=settings.seed)}
+        diverse = model.config.image_selection == "diverse"
         for rate in settings.image_rates:
             image_point("dynamic-llava", rate, LearnedPolicy(image_keep_rate=rate), True)
+            if diverse:  # the same checkpoint with the paper's top-k selection: what the diverse selection adds
+                model.config.image_selection = "top"
+                image_point("dynamic-llava, top-k selection", rate, LearnedPolicy(image_keep_rate=rate), True)
+                model.config.image_selection = "diverse"
             for name, make in baselines.items():
                 image_point(name, rate, make(rate), False, on=dense if dense is not None else model)
             if dense is not None:

@@ -31,7 +31,7 @@ def accuracy_vs_flops(report: dict, path: str | Path) -> Path:
         by_method.setdefault(point["method"], []).append(point)
     for method, points in by_method.items():
         points = sorted(points, key=lambda p: p["prefill_flops"])
-        base = method.split(" on the ")[0]  # "fastv on the fine-tuned LM": fastv's colour, dashed
+        base = method.split(" on the ")[0].split(", ")[0]  # "fastv on the fine-tuned LM": fastv's colour, dashed
         color, marker = STYLE.get(base, ("tab:orange", "x"))
         line = dict(marker=marker, color=color, label=method, markersize=12 if method == "dense" else 6,
                     linestyle="--" if base != method else "-", alpha=0.5 if base != method else 1.0)

@@ -10,11 +10,12 @@ from .composed import ComposedPolicy
 from .dart import DARTPolicy
 from .fastv import FastVPolicy
 from .h2o import H2OPolicy
-from .learned import LearnedPolicy
+from .learned import LearnedPolicy, learned_image_scores
 from .random import RandomPolicy
 from .streaming import StreamingLLMPolicy
 
 __all__ = [
+    "learned_image_scores",
     "CDPrunerPolicy",
     "ComposedPolicy",
     "DARTPolicy",

@@ -47,6 +47,7 @@ class PolicyContext:
     image_layout : where each image's tokens are (`decoder.ImageLayout`; set by the engine before
         `image_scores`): ``image_layout.gather(x)`` takes a [B, N, ...] tensor to the [images, tokens, ...]
         that `image_scores` receives; ``image_layout.valid`` is False for padding when images differ in size.
+    image_keep_counts : how many tokens each image keeps (set by the engine before `image_scores`).
     """
 
     hidden_before: torch.Tensor
@@ -58,6 +59,7 @@ class PolicyContext:
     inputs_embeds: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     image_layout: object | None = None
+    image_keep_counts: list[int] | None = None
 
 
 @dataclass

@@ -33,6 +33,24 @@ def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
+def diverse_ranks(quality: torch.Tensor, features: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[images, T] float scores whose top ``k' <= k`` are the first k' tokens greedy DPP MAP inference picks from
+    the kernel diag(q) S diag(q) (S: cosine similarity of `features` [images, T, C]; q: `quality` [images, T],
+    > 0): the i-th chosen token scores k - i, the rest -1. `valid` (False: padding) is never chosen. Computed in
+    float64, so a batch picks as its samples would alone."""
+    images, tokens = quality.shape
+    q = quality.double()
+    if valid is not None:
+        q = q.masked_fill(~valid, 0.0)
+    unit = torch.nn.functional.normalize(features.double(), dim=-1)
+    kernel = q.unsqueeze(2) * (unit @ unit.transpose(1, 2)) * q.unsqueeze(1)
+    k = max(1, min(k, tokens))
+    order = greedy_dpp(kernel, k)
+    scores = torch.full((images, tokens), -1.0, dtype=torch.float32, device=quality.device)
+    return scores.scatter_(1, order, torch.arange(k, 0, -1, dtype=torch.float32, device=quality.device)
+                           .expand(images, -1).contiguous())
+
+
 @dataclass
 class CDPrunerPolicy(TokenPolicy):
     """After CDPruner (Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token
@@ -79,14 +97,8 @@ class CDPrunerPolicy(TokenPolicy):
         relevance = torch.einsum("itc,ic->it", features, instruction)
         low, high = relevance.min(1, keepdim=True).values, relevance.max(1, keepdim=True).values
         quality = self.theta * (relevance - low) / (high - low).clamp(min=1e-6) + (1 - self.theta)
-        similarity = features @ features.transpose(1, 2)
-        kernel = quality.unsqueeze(2) * similarity * quality.unsqueeze(1)
         rate = self.image_keep_rate if self.image_keep_rate is not None else model.sparsity.image_keep_rate
-        k = max(1, int(rate * tokens + 1e-6))
-        order = greedy_dpp(kernel, k)
-        scores = torch.full((images, tokens), -1.0, dtype=torch.float32, device=hidden.device)
-        return scores.scatter_(1, order, torch.arange(k, 0, -1, dtype=torch.float32, device=hidden.device)
-                               .expand(images, -1).contiguous())
+        return diverse_ranks(quality, features, max(1, int(rate * tokens + 1e-6))).to(hidden.device)
 
 
-__all__ = ["CDPrunerPolicy", "greedy_dpp"]
+__all__ = ["CDPrunerPolicy", "diverse_ranks", "greedy_dpp"]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..evaluation import evaluate_world
 from ..modeling import DynamicLlavaForConditionalGeneration
@@ -55,6 +55,7 @@ class WorldRecipe:
     vision_steps: int = 1200
     vision_batch_size: int = 64
     vision_tower: str | None = None  # a tower saved by an earlier build (work/vision_tower): reused, stage 0 skipped
+    dense: str | None = None  # a dense model saved by an earlier build (output/tiny-llava): stages 0-2 skipped
     pool_size: int = 20000  # training scenes whose tower features are cached for the dense stages
     held_out_size: int = 1000
     question_steps: int = 4000  # at most; the stage ends once every question type reaches question_target
@@ -77,6 +78,8 @@ class WorldRecipe:
     min_answer_tokens: int = 30  # long answers (descriptions, listings) have their generated tokens judged
     dynamic_max_grad_norm: float = 5.0
     dynamic_loss_average: str = "token"  # "answer" (as the dense stages) scored no better here, with worse descriptions
+    dynamic_image_mask_sampling: str = "gumbel"  # or "top_share": the fine-tune's image masks as inference's
+    dynamic_image_selection: str = "diverse"  # which tokens the learned scores keep ("top": the paper's top-k)
     eval_limit: int | None = None
 
 
@@ -197,10 +200,26 @@ def _save_fp16(model, processor, folder: Path) -> None:
 
 
 def dynamic_folder(recipe: WorldRecipe) -> Path:
-    """Where the fine-tune runs: named by the dense model's settings, so a rerun after another dense build starts
-    afresh instead of resuming checkpoints fine-tuned from the old dense model."""
-    digest = hashlib.sha256(json.dumps(_dense_fingerprint(recipe), sort_keys=True).encode()).hexdigest()[:10]
+    """Where the fine-tune runs: named by the dense model's settings (or, with `recipe.dense`, by its weights), so
+    a rerun after another dense build starts afresh instead of resuming checkpoints fine-tuned from the old one."""
+    if recipe.dense:
+        digest = hashlib.sha256((Path(recipe.dense) / "model.safetensors").read_bytes()).hexdigest()[:10]
+    else:
+        digest = hashlib.sha256(json.dumps(_dense_fingerprint(recipe), sort_keys=True).encode()).hexdigest()[:10]
     return Path(recipe.work) / f"dynamic-{digest}"
+
+
+def load_dense(recipe: WorldRecipe) -> tuple[LlavaForConditionalGeneration, object, dict]:
+    """The dense model of an earlier build (`recipe.dense`) in fp32, its processor, and the record of its stages
+    from the `world_report.json` beside it (empty if there is none)."""
+    folder = Path(recipe.dense)
+    dense = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    earlier = folder.parent / "world_report.json"
+    record = {"dense_checkpoint": str(folder)}
+    if earlier.is_file():
+        found = json.loads(earlier.read_text())
+        record.update({k: found[k] for k in ("vision_tower_patch_accuracy", "stages", "dense_seconds") if k in found})
+    return dense, AutoProcessor.from_pretrained(folder), record
 
 
 def world_splits(root: Path, recipe: WorldRecipe) -> dict[str, Path]:
@@ -216,14 +235,18 @@ def build_world(recipe: WorldRecipe, log=logger.info) -> dict:
     """Run every step; returns the evaluation report (also written to `output/world_report.json`)."""
     started = time.time()
     work, output = Path(recipe.work), Path(recipe.output)
-    processor = build_processor()
-    dense, record = train_dense(recipe, processor, log)
-    dense_seconds = round(time.time() - started)
+    if recipe.dense:
+        dense, processor, record = load_dense(recipe)
+        log(f"dense model from {recipe.dense}: stages 0-2 skipped")
+    else:
+        processor = build_processor()
+        dense, record = train_dense(recipe, processor, log)
+    dense_seconds = record.pop("dense_seconds", None) if recipe.dense else round(time.time() - started)
     splits = world_splits(work / "data", recipe)
     report = finish_world(recipe, dense, processor, splits)
     rng = np.random.default_rng([recipe.seed, 33])
     scenes = [sample_scene(rng) for _ in range(2000)]
-    report.update(dense_seconds=dense_seconds, train_seconds=dense_seconds + report["dynamic_seconds"],
+    report.update(dense_seconds=dense_seconds, train_seconds=(dense_seconds or 0) + report["dynamic_seconds"],
                   random_keep_object_loss={str(r): random_keep_loss_rate(scenes, r) for r in (0.1, 0.2, 0.5)},
                   **record)
     output.mkdir(parents=True, exist_ok=True)
@@ -246,7 +269,9 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
         seed=recipe.seed, resume=True, max_grad_norm=recipe.dynamic_max_grad_norm,
         loss_average=recipe.dynamic_loss_average,
         sparsity={"image_keep_rate": recipe.image_keep_rate, "text_keep_rate": recipe.text_keep_rate,
-                  "min_answer_tokens": recipe.min_answer_tokens},
+                  "min_answer_tokens": recipe.min_answer_tokens,
+                  "image_mask_sampling": recipe.dynamic_image_mask_sampling,
+                  "image_selection": recipe.dynamic_image_selection},
     ))
     _save_fp16(dense, processor, output / DENSE_DIR)  # a plain llava-hf checkpoint
     _save_fp16(DynamicLlavaForConditionalGeneration.from_pretrained(final), processor, output / DYNAMIC_DIR)
@@ -262,4 +287,4 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
     return report
 
 
-__all__ = ["WorldRecipe", "build_world", "dynamic_folder", "finish_world", "train_dense", "world_splits", "DENSE_DIR", "DYNAMIC_DIR"]
+__all__ = ["WorldRecipe", "build_world", "dynamic_folder", "finish_world", "load_dense", "train_dense", "world_splits", "DENSE_DIR", "DYNAMIC_DIR"]
