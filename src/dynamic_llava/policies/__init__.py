@@ -15,7 +15,6 @@ from .random import RandomPolicy
 from .streaming import StreamingLLMPolicy
 
 __all__ = [
-    "learned_image_scores",
     "CDPrunerPolicy",
     "ComposedPolicy",
     "DARTPolicy",
@@ -30,4 +29,5 @@ __all__ = [
     "check_policy",
     "attention_probe",
     "layer_keys",
+    "learned_image_scores",
 ]

@@ -38,9 +38,8 @@ class LearnedPolicy(TokenPolicy):
 
     Image tokens are ranked by the image predictor's keep log-probability (or, under
     ``image_selection="diverse"``, chosen by greedy DPP with it as the quality: `learned_image_scores`); a
-    generated token stays
-    iff the output-text predictor's keep logit beats its drop logit (by a request's margin, when per-request
-    settings give one: `control.SparsityRequest.text_keep_threshold`). A model without a predictor (or
+    generated token stays iff the output-text predictor's keep logit beats its drop logit (by a request's
+    margin, when per-request settings give one: `control.SparsityRequest.text_keep_threshold`). A model without a predictor (or
     with ``text_keep_rate`` 1.0) keeps every token of that kind. This is the default policy.
 
     Parameters
