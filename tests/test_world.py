@@ -335,3 +335,27 @@ def test_a_fine_tune_can_start_from_an_earlier_builds_dense_model(tmp_path):
         model.model.language_model.norm.weight.add_(1.0)
     model.save_pretrained(tmp_path / DENSE_DIR)
     assert dynamic_folder(recipe) != first
+
+
+def test_a_build_from_an_earlier_dense_model_fine_tunes_saves_and_reports(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from dynamic_llava.world.build import DENSE_DIR, DYNAMIC_DIR, WorldRecipe, build_world
+
+    processor = build_processor()
+    torch.manual_seed(0)
+    earlier = tmp_path / "earlier"
+    LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=3)).save_pretrained(
+        earlier / DENSE_DIR)
+    processor.save_pretrained(earlier / DENSE_DIR)
+    (earlier / "world_report.json").write_text(json.dumps({"stages": [{"steps": 3}], "dense_seconds": 7}))
+    recipe = WorldRecipe(output=str(tmp_path / "out"), work=str(tmp_path / "work"), dense=str(earlier / DENSE_DIR),
+                         train_size=8, test_size=6, dynamic_steps=2, batch_size=4, eval_limit=6,
+                         dynamic_image_selection="diverse")
+    report = build_world(recipe)
+    assert report["stages"] == [{"steps": 3}] and report["dense_seconds"] == 7
+    assert report["train_seconds"] == 7 + report["dynamic_seconds"]
+    assert json.loads((tmp_path / "out" / "world_report.json").read_text())["recipe"]["dense"] == recipe.dense
+    config = DynamicLlavaConfig.from_pretrained(tmp_path / "out" / DYNAMIC_DIR)
+    assert config.image_selection == "diverse"
+    assert report[DYNAMIC_DIR]["test"]["samples"] == 6 and report[DYNAMIC_DIR]["fresh"]["samples"] == 6
