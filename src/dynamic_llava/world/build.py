@@ -237,11 +237,12 @@ def build_world(recipe: WorldRecipe, log=logger.info) -> dict:
     work, output = Path(recipe.work), Path(recipe.output)
     if recipe.dense:
         dense, processor, record = load_dense(recipe)
+        dense_seconds = record.pop("dense_seconds", None)  # the earlier build's, when its report says
         log(f"dense model from {recipe.dense}: stages 0-2 skipped")
     else:
         processor = build_processor()
         dense, record = train_dense(recipe, processor, log)
-    dense_seconds = record.pop("dense_seconds", None) if recipe.dense else round(time.time() - started)
+        dense_seconds = round(time.time() - started)
     splits = world_splits(work / "data", recipe)
     report = finish_world(recipe, dense, processor, splits)
     rng = np.random.default_rng([recipe.seed, 33])
