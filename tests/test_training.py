@@ -68,6 +68,47 @@ def test_answer_loss_average_is_the_training_loss(world):
         recipe_for(world, loss_average="sample").check()
 
 
+def test_distillation_loss_measures_the_answer_tokens_only():
+    from dynamic_llava.losses import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 6, 11)
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:5] = 1
+    labels[1, 5] = 2
+    assert float(distillation_loss(teacher.clone(), teacher, labels)) == pytest.approx(0.0, abs=1e-6)
+    student = teacher.clone()
+    student[0, 4] += torch.randn(11)  # logits at 4 predict label 5, which is unlabelled: no change
+    student[1, 0] += torch.randn(11)
+    assert float(distillation_loss(student, teacher, labels)) == pytest.approx(0.0, abs=1e-6)
+    student[0, 2] += 3 * torch.randn(11)  # predicts label 3
+    assert float(distillation_loss(student, teacher, labels)) > 0.01
+
+
+def test_distillation_adds_the_teachers_kl_to_the_loss(world):
+    from dynamic_llava.losses import distillation_loss
+
+    recipe = recipe_for(world, "distill", distill_weight=0.5, batch_size=4)
+    trainer = build_trainer(recipe)
+    assert trainer.teacher is not None and not trainer.teacher.training
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    batch = LlavaCollator(0)([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(model, batch)
+    torch.manual_seed(0)
+    outputs = model(**batch, gumbel_tau=1.0)
+    with torch.no_grad():
+        dense = trainer.teacher(**{k: v for k, v in batch.items() if k not in ("labels", "answer_mask")}).logits
+    kl = distillation_loss(outputs.logits, dense, batch["labels"])
+    assert float(kl) > 0  # the sparse student differs from its dense teacher
+    expected = outputs.lm_loss + model.config.budget_weight * outputs.budget_loss + 0.5 * kl
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="distill_weight"):
+        recipe_for(world, distill_weight=-1.0).check()
+
+
 def test_frozen_parts_do_not_change(world):
     trainer = build_trainer(recipe_for(world, "frozen", trainable="predictors", max_steps=2))
     before = flat_parameters(trainer.model)

@@ -340,7 +340,7 @@ def test_a_fine_tune_can_start_from_an_earlier_builds_dense_model(tmp_path):
 def test_a_build_from_an_earlier_dense_model_fine_tunes_saves_and_reports(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from dynamic_llava.world.build import DENSE_DIR, DYNAMIC_DIR, WorldRecipe, build_world
+    from dynamic_llava.world.build import DENSE_DIR, DYNAMIC_DIR, WorldRecipe, build_world, dynamic_folder
 
     processor = build_processor()
     torch.manual_seed(0)
@@ -358,4 +358,6 @@ def test_a_build_from_an_earlier_dense_model_fine_tunes_saves_and_reports(tmp_pa
     assert json.loads((tmp_path / "out" / "world_report.json").read_text())["recipe"]["dense"] == recipe.dense
     config = DynamicLlavaConfig.from_pretrained(tmp_path / "out" / DYNAMIC_DIR)
     assert config.image_selection == "diverse"
+    run = json.loads((dynamic_folder(recipe) / "final" / "run.json").read_text())
+    assert run["settings"]["distill_weight"] == recipe.dynamic_distill_weight > 0  # the dense model taught it
     assert report[DYNAMIC_DIR]["test"]["samples"] == 6 and report[DYNAMIC_DIR]["fresh"]["samples"] == 6

@@ -136,6 +136,9 @@ def train(
     loss_average: str = typer.Option("token", help="token | answer: average the LM loss over the batch's answer "
                                      "tokens, or over its answers (each answer's mean: short answers weigh as much "
                                      "as long ones)."),
+    distill_weight: float = typer.Option(0.0, help="Weight of KL(dense teacher || sparse model) on the answer "
+                                         "tokens, the teacher being the starting model with every token kept "
+                                         "(0: the paper's loss, no teacher)."),
     seed: int = typer.Option(42, help="Seed of data order, Gumbel noise and fresh predictors."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (non-reentrant)."),
     bf16: bool = typer.Option(False, help="Load and train in bfloat16."),
@@ -179,7 +182,7 @@ def train(
         freeze_projector=freeze_projector, image_only=image_only, learning_rate=learning_rate,
         predictor_learning_rate=predictor_learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps, seed=seed,
-        max_grad_norm=max_grad_norm, loss_average=loss_average,
+        max_grad_norm=max_grad_norm, loss_average=loss_average, distill_weight=distill_weight,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, on_bad_record=on_bad_record,
         chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity, max_length=max_length,
     )
@@ -216,6 +219,8 @@ def world(
                                             "sampled per token (the paper's) or each image's inference share."),
     image_selection: str = typer.Option("diverse", help="top | diverse: which image tokens the fine-tuned model's "
                                         "scores keep, saved in its config (top: the paper's top-k)."),
+    distill_weight: float = typer.Option(1.0, min=0.0, help="The fine-tune's weight of KL(dense model || "
+                                         "Dynamic-LLaVA) on the answer tokens (0: the paper's loss alone)."),
     test_size: int = typer.Option(1200, min=10, help="Records in each test split (the build's seed and a fresh one)."),
 ) -> None:
     """Build the synthetic world from nothing: data, a tiny dense LLaVA, its Dynamic-LLaVA, and their accuracy."""
@@ -240,7 +245,7 @@ def world(
         output=output, work=work, seed=seed, vision_steps=vision_steps, vision_tower=vision_tower,
         pool_size=pool_size, question_steps=question_steps, long_steps=long_steps, polish_steps=polish_steps,
         dynamic_steps=dynamic_steps, dense=dense, dynamic_image_mask_sampling=image_mask_sampling,
-        dynamic_image_selection=image_selection,
+        dynamic_image_selection=image_selection, dynamic_distill_weight=distill_weight,
         test_size=test_size,
     ), log=typer.echo)
     typer.echo(json.dumps(report, indent=2))

@@ -92,4 +92,17 @@ def per_answer_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return (nll / lengths[span].clamp(min=1)).sum() / answers
 
 
-__all__ = ["balance_mask_gradient", "budget_loss", "per_answer_loss"]
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      ignore_index: int = -100) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over the labelled (answer) tokens: the
+    sparse model is pulled towards what the dense model it came from predicts. Labels are unshifted, as in
+    `per_answer_loss`; both logits are [B, N, V] over the same tokens."""
+    valid = labels[:, 1:] != ignore_index
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    student = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+    teacher = torch.log_softmax(teacher_logits[:, :-1][valid].float(), dim=-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+__all__ = ["balance_mask_gradient", "budget_loss", "distillation_loss", "per_answer_loss"]

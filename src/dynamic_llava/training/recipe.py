@@ -61,6 +61,9 @@ class TrainingRecipe:
     the processor's own. `deepspeed`: a DeepSpeed JSON config for multi-GPU runs (ZeRO-2/3).
     `loss_average`: "token" averages the cross-entropy over every answer token of the batch (LLaVA's choice);
     "answer" averages each answer's mean, so one-word answers weigh as much as long descriptions.
+    `distill_weight` > 0 adds that weight times KL(dense teacher || sparse student) on the answer tokens, the
+    teacher being the starting model with every token kept (frozen; one more copy of the model in memory and one
+    more forward per step). 0, the default, is the paper's loss.
     `max_grad_norm` clips the whole gradient (0 turns clipping off); with budget_weight 100 the
     budget term's gradients are large, so clipping also slows how fast the keep ratios move.
     """
@@ -81,6 +84,7 @@ class TrainingRecipe:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     loss_average: Literal["token", "answer"] = "token"
+    distill_weight: float = 0.0
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -115,6 +119,7 @@ class TrainingRecipe:
         for name in ("learning_rate", "predictor_learning_rate", "lora_alpha"):
             check_number(name, getattr(self, name), 0.0, low_open=True)
         check_number("epochs", self.epochs, 0.0)
+        check_number("distill_weight", self.distill_weight, 0.0, hint="0 trains without a teacher")
         check_integer("max_steps", self.max_steps, hint="-1 trains for --epochs")
         for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "lora_rank"):
             check_integer(name, getattr(self, name), 1)
@@ -189,7 +194,7 @@ class TrainingRecipe:
 # Recipe fields that change what a run computes (not where or how often it saves or logs).
 RUN_SETTINGS = (
     "trainable", "freeze_projector", "image_only", "learning_rate", "predictor_learning_rate", "epochs", "max_steps",
-    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "loss_average", "seed", "bf16",
+    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "loss_average", "distill_weight", "seed", "bf16",
     "lora_rank", "lora_alpha", "lora_dropout", "on_bad_record", "max_length", "sparsity",
 )
 
@@ -275,6 +280,15 @@ def load_model(recipe: TrainingRecipe) -> DynamicLlavaForConditionalGeneration:
     return model
 
 
+def load_teacher(recipe: TrainingRecipe):
+    """The frozen dense teacher of `distill_weight`: the starting checkpoint with every token kept, in eval mode."""
+    dtype = torch.bfloat16 if recipe.bf16 else torch.float32
+    teacher = model_class_for(recipe.model).from_pretrained(recipe.model, dtype=dtype,
+                                                            **{**recipe.sparsity, "image_keep_rate": 1.0,
+                                                               "text_keep_rate": 1.0})
+    return teacher.requires_grad_(False).eval()
+
+
 def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer:
     """Model, data and `DynamicLlavaTrainer` for the recipe (call `.train()` on it, or use `train`)."""
     recipe.check()
@@ -317,6 +331,8 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
         data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
         predictor_learning_rate=recipe.predictor_learning_rate,
         loss_average=recipe.loss_average,
+        teacher=load_teacher(recipe) if recipe.distill_weight > 0 else None,
+        distill_weight=recipe.distill_weight,
         run_fingerprint=recipe.fingerprint(),
         callbacks=callbacks,
         processing_class=processor,
@@ -452,6 +468,7 @@ def train(recipe: TrainingRecipe, callbacks=None) -> str:
 
 __all__ = [
     "NonFiniteError",
+    "load_teacher",
     "TrainingRecipe",
     "build_trainer",
     "fingerprint_differences",

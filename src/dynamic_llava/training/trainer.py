@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from ..losses import per_answer_loss
+from ..losses import distillation_loss, per_answer_loss
 
 STAGING_DIR = ".staging"
 RUN_FILE = "run.json"  # the run's fingerprint, written into every checkpoint and the final model
@@ -68,7 +68,8 @@ class DynamicLlavaTrainer(Trainer):
     * loss = LM cross-entropy (normalised over the tokens of the whole accumulated batch, or with
       `loss_average="answer"` each answer's mean averaged over the answers: short answers then weigh as
       much as long ones) + budget_weight * (R_I + R_OT), the budget term averaged over the accumulation
-      steps, so the number of accumulation steps changes neither term's weight;
+      steps, so the number of accumulation steps changes neither term's weight; with a `teacher`, plus
+      `distill_weight` * KL(teacher || student) on the answer tokens (`losses.distillation_loss`);
     * the Gumbel-Softmax temperature follows `gumbel_temperature` of the optimizer step (so a
       resumed run continues it exactly);
     * predictors get `predictor_learning_rate`, everything else trainable `args.learning_rate`;
@@ -77,8 +78,12 @@ class DynamicLlavaTrainer(Trainer):
     """
 
     def __init__(self, *args, predictor_learning_rate: float = 2e-4, run_fingerprint: dict | None = None,
-                 loss_average: str = "token", **kwargs):
+                 loss_average: str = "token", teacher=None, distill_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.distill_weight = distill_weight
+        if teacher is not None:
+            teacher.to(self.args.device)
         self.predictor_learning_rate = predictor_learning_rate
         self.loss_average = loss_average
         self.run_fingerprint = run_fingerprint  # written into each checkpoint as run.json
@@ -100,13 +105,20 @@ class DynamicLlavaTrainer(Trainer):
             lm_loss = lm_loss * self.accelerator.num_processes  # DDP averages; the count spans all ranks
         weight = self.accelerator.unwrap_model(model).config.budget_weight
         loss = lm_loss + weight * outputs.budget_loss / self.current_gradient_accumulation_steps
+        distill = None
+        if self.teacher is not None and model.training:
+            with torch.no_grad():
+                teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "answer_mask")}
+                teacher_logits = self.teacher(**teacher_inputs, use_cache=False).logits
+            distill = distillation_loss(outputs.logits, teacher_logits, inputs["labels"])
+            loss = loss + self.distill_weight * distill / self.current_gradient_accumulation_steps
         if model.training:
             finite = bool(torch.isfinite(loss.detach()))
             if self._on_any_rank(not finite):
                 self._stop("the loss is NaN or infinite on another process" if finite else
                            f"the loss is {float(loss.detach())} (lm_loss={float(outputs.lm_loss.detach())}, "
                            f"budget_loss={float(outputs.budget_loss.detach())})")
-            self._track(outputs, tau)
+            self._track(outputs, tau, distill)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -136,8 +148,10 @@ class DynamicLlavaTrainer(Trainer):
             "(--learning-rate, --predictor-learning-rate) or --budget-weight, or enable --max-grad-norm."
         )
 
-    def _track(self, outputs, tau: float) -> None:
+    def _track(self, outputs, tau: float, distill=None) -> None:
         values = {"lm_loss": outputs.lm_loss, "budget_loss": outputs.budget_loss, "tau": tau}
+        if distill is not None:
+            values["distill_loss"] = distill
         for name, ratio in (("image_keep", outputs.image_keep_ratio), ("text_keep", outputs.text_keep_ratio)):
             if ratio is not None and not bool(ratio.isnan().all()):
                 values[name] = ratio.nanmean()  # over the samples that have such tokens
