@@ -107,6 +107,9 @@ def test_distillation_adds_the_teachers_kl_to_the_loss(world):
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ValueError, match="distill_weight"):
         recipe_for(world, distill_weight=-1.0).check()
+    # a teacher changes the run; no teacher fingerprints as runs written before the option did
+    assert recipe.fingerprint()["settings"]["distill_weight"] == 0.5
+    assert "distill_weight" not in recipe_for(world, "distill").fingerprint()["settings"]
 
 
 def test_frozen_parts_do_not_change(world):

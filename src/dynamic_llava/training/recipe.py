@@ -179,6 +179,8 @@ class TrainingRecipe:
     def fingerprint(self) -> dict:
         """What makes two runs the same run: the model, the data and the settings that shape the result."""
         settings = {name: getattr(self, name) for name in RUN_SETTINGS}
+        if not self.distill_weight:  # no teacher: fingerprinted as before the option, so such runs still resume
+            del settings["distill_weight"]
         settings["chat_template"] = self.chat_template
         settings["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
         return json.loads(json.dumps({
