@@ -109,7 +109,7 @@ class ImageLayout:
         """[images, T] bool: each image's top ``max(1, floor(rate * its tokens))`` by `scores` (higher first);
         `rate` is one float for every image or a list with one per image."""
         if self.valid is None and not isinstance(rate, (list, tuple)):
-            n_keep = max(1, math.floor(rate * self.counts[0] + 1e-6))
+            n_keep = self.keep_counts(rate)[0]
             return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(n_keep, dim=1).indices, True)
         k = torch.tensor(self.keep_counts(rate), device=scores.device)
         ranked = scores.float() if self.valid is None else scores.float().masked_fill(~self.valid, float("-inf"))
