@@ -112,6 +112,58 @@ def test_distillation_adds_the_teachers_kl_to_the_loss(world):
     assert "distill_weight" not in recipe_for(world, "distill").fingerprint()["settings"]
 
 
+def test_hidden_distillation_loss_measures_the_chosen_positions_relative_to_the_teacher():
+    from dynamic_llava.losses import hidden_distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 8)
+    where = torch.tensor([[False, True, True, False, False], [True, False, False, False, False]])
+    assert float(hidden_distillation_loss(teacher.clone(), teacher, where)) == pytest.approx(0.0, abs=1e-7)
+    student = teacher.clone()
+    student[0, 0] += 5.0  # an image or padding position: not measured
+    assert float(hidden_distillation_loss(student, teacher, where)) == pytest.approx(0.0, abs=1e-7)
+    student[1, 0] = 0.0  # all of one position's vector lost: relative error 1 there, 0 at the other two
+    assert float(hidden_distillation_loss(student, teacher, where)) == pytest.approx(1 / 3, rel=1e-5)
+    assert float(hidden_distillation_loss(2 * teacher, teacher, where)) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="line up"):
+        hidden_distillation_loss(teacher[:, :4], teacher, where)
+
+
+def test_hidden_distillation_adds_the_text_tokens_hidden_state_error_to_the_loss(world):
+    from dynamic_llava.losses import hidden_distillation_loss
+
+    recipe = recipe_for(world, "hidden", hidden_distill_weight=2.0, batch_size=4)
+    trainer = build_trainer(recipe)
+    assert trainer.teacher is not None  # the hidden-state term alone loads the teacher
+    batch = LlavaCollator(0)([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(model, batch)
+    assert not model.lm_head._forward_hooks and not trainer.teacher.lm_head._forward_hooks  # hooks removed
+    seen = {}  # what each LM head reads: the final (normed) hidden states
+    hooks = [m.lm_head.register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, args[0]))
+             for name, m in (("student", model), ("teacher", trainer.teacher))]
+    torch.manual_seed(0)
+    outputs = model(**batch, gumbel_tau=1.0)
+    with torch.no_grad():
+        trainer.teacher(**{k: v for k, v in batch.items() if k not in ("labels", "answer_mask")})
+    for hook in hooks:
+        hook.remove()
+    text = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
+    assert bool((batch["input_ids"] == model.config.image_token_id).any()) and bool(text.any())
+    student_hidden, teacher_hidden = seen["student"], seen["teacher"]
+    assert student_hidden.shape == teacher_hidden.shape == (*batch["input_ids"].shape, model.config.text_config.hidden_size)
+    error = hidden_distillation_loss(student_hidden, teacher_hidden, text)
+    assert float(error) > 0  # the sparse student's hidden states differ from the dense teacher's
+    expected = outputs.lm_loss + model.config.budget_weight * outputs.budget_loss + 2.0 * error
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="hidden_distill_weight"):
+        recipe_for(world, hidden_distill_weight=-1.0).check()
+    assert recipe.fingerprint()["settings"]["hidden_distill_weight"] == 2.0
+    assert "hidden_distill_weight" not in recipe_for(world, "hidden").fingerprint()["settings"]
+
+
 def test_frozen_parts_do_not_change(world):
     trainer = build_trainer(recipe_for(world, "frozen", trainable="predictors", max_steps=2))
     before = flat_parameters(trainer.model)

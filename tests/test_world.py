@@ -360,4 +360,5 @@ def test_a_build_from_an_earlier_dense_model_fine_tunes_saves_and_reports(tmp_pa
     assert config.image_selection == "diverse"
     run = json.loads((dynamic_folder(recipe) / "final" / "run.json").read_text())
     assert run["settings"]["distill_weight"] == recipe.dynamic_distill_weight > 0  # the dense model taught it
+    assert run["settings"]["hidden_distill_weight"] == recipe.dynamic_hidden_distill_weight > 0
     assert report[DYNAMIC_DIR]["test"]["samples"] == 6 and report[DYNAMIC_DIR]["fresh"]["samples"] == 6

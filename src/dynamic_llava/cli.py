@@ -139,6 +139,9 @@ def train(
     distill_weight: float = typer.Option(0.0, help="Weight of KL(dense teacher || sparse model) on the answer "
                                          "tokens, the teacher being the starting model with every token kept "
                                          "(0: the paper's loss, no teacher)."),
+    hidden_distill_weight: float = typer.Option(0.0, help="Weight of the relative squared error between the sparse "
+                                                "model's and that teacher's last hidden states on the text tokens "
+                                                "(0: off)."),
     seed: int = typer.Option(42, help="Seed of data order, Gumbel noise and fresh predictors."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (non-reentrant)."),
     bf16: bool = typer.Option(False, help="Load and train in bfloat16."),
@@ -183,7 +186,8 @@ def train(
         predictor_learning_rate=predictor_learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps, seed=seed,
         max_grad_norm=max_grad_norm, loss_average=loss_average, distill_weight=distill_weight,
-        gradient_checkpointing=gradient_checkpointing, bf16=bf16, on_bad_record=on_bad_record,
+        hidden_distill_weight=hidden_distill_weight, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
+        on_bad_record=on_bad_record,
         chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity, max_length=max_length,
     )
     from .training import NonFiniteError
@@ -221,6 +225,9 @@ def world(
                                         "scores keep, saved in its config (top: the paper's top-k)."),
     distill_weight: float = typer.Option(1.0, min=0.0, help="The fine-tune's weight of KL(dense model || "
                                          "Dynamic-LLaVA) on the answer tokens (0: the paper's loss alone)."),
+    hidden_distill_weight: float = typer.Option(5.0, min=0.0, help="The fine-tune's weight of the relative "
+                                                "squared error to the dense model's last hidden states on the text "
+                                                "tokens (0: off)."),
     test_size: int = typer.Option(1200, min=10, help="Records in each test split (the build's seed and a fresh one)."),
 ) -> None:
     """Build the synthetic world from nothing: data, a tiny dense LLaVA, its Dynamic-LLaVA, and their accuracy."""
@@ -246,7 +253,7 @@ def world(
         pool_size=pool_size, question_steps=question_steps, long_steps=long_steps, polish_steps=polish_steps,
         dynamic_steps=dynamic_steps, dense=dense, dynamic_image_mask_sampling=image_mask_sampling,
         dynamic_image_selection=image_selection, dynamic_distill_weight=distill_weight,
-        test_size=test_size,
+        dynamic_hidden_distill_weight=hidden_distill_weight, test_size=test_size,
     ), log=typer.echo)
     typer.echo(json.dumps(report, indent=2))
 

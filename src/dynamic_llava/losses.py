@@ -105,4 +105,17 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-__all__ = ["balance_mask_gradient", "budget_loss", "distillation_loss", "per_answer_loss"]
+def hidden_distillation_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Relative squared error ||h - h_teacher||^2 / ||h_teacher||^2 of the last hidden states (what the LM head
+    reads), averaged over the positions in `where` [B, N] (the text tokens): the sparse model is pulled towards
+    the dense model's representation of the question and the answer, not only its next-token guesses."""
+    if hidden.shape != teacher_hidden.shape or hidden.shape[:-1] != where.shape:
+        raise ValueError(f"hidden states {list(hidden.shape)} and {list(teacher_hidden.shape)} and positions "
+                         f"{list(where.shape)} do not line up: the student and the teacher must see the same tokens.")
+    if not bool(where.any()):
+        return hidden.sum() * 0.0
+    student, teacher = hidden[where].float(), teacher_hidden[where].float()
+    return (((student - teacher) ** 2).sum(-1) / (teacher**2).sum(-1).clamp(min=1e-6)).mean()
+
+
+__all__ = ["balance_mask_gradient", "budget_loss", "distillation_loss", "hidden_distillation_loss", "per_answer_loss"]

@@ -63,7 +63,9 @@ class TrainingRecipe:
     "answer" averages each answer's mean, so one-word answers weigh as much as long descriptions.
     `distill_weight` > 0 adds that weight times KL(dense teacher || sparse student) on the answer tokens, the
     teacher being the starting model with every token kept (frozen; one more copy of the model in memory and one
-    more forward per step). 0, the default, is the paper's loss.
+    more forward per step). 0, the default, is the paper's loss. `hidden_distill_weight` > 0 (with the same
+    teacher) adds that weight times the relative squared error between the student's and the teacher's last
+    hidden states on the text tokens (question and answer), a denser signal than the answer's logits.
     `max_grad_norm` clips the whole gradient (0 turns clipping off); with budget_weight 100 the
     budget term's gradients are large, so clipping also slows how fast the keep ratios move.
     """
@@ -85,6 +87,7 @@ class TrainingRecipe:
     max_grad_norm: float = 1.0
     loss_average: Literal["token", "answer"] = "token"
     distill_weight: float = 0.0
+    hidden_distill_weight: float = 0.0
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -120,6 +123,7 @@ class TrainingRecipe:
             check_number(name, getattr(self, name), 0.0, low_open=True)
         check_number("epochs", self.epochs, 0.0)
         check_number("distill_weight", self.distill_weight, 0.0, hint="0 trains without a teacher")
+        check_number("hidden_distill_weight", self.hidden_distill_weight, 0.0, hint="0 leaves the hidden states free")
         check_integer("max_steps", self.max_steps, hint="-1 trains for --epochs")
         for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "lora_rank"):
             check_integer(name, getattr(self, name), 1)
@@ -179,8 +183,9 @@ class TrainingRecipe:
     def fingerprint(self) -> dict:
         """What makes two runs the same run: the model, the data and the settings that shape the result."""
         settings = {name: getattr(self, name) for name in RUN_SETTINGS}
-        if not self.distill_weight:  # no teacher: fingerprinted as before the option, so such runs still resume
-            del settings["distill_weight"]
+        for name in ("distill_weight", "hidden_distill_weight"):
+            if not settings[name]:  # unused: fingerprinted as before the option, so such runs still resume
+                del settings[name]
         settings["chat_template"] = self.chat_template
         settings["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
         return json.loads(json.dumps({
@@ -196,7 +201,8 @@ class TrainingRecipe:
 # Recipe fields that change what a run computes (not where or how often it saves or logs).
 RUN_SETTINGS = (
     "trainable", "freeze_projector", "image_only", "learning_rate", "predictor_learning_rate", "epochs", "max_steps",
-    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "loss_average", "distill_weight", "seed", "bf16",
+    "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "loss_average", "distill_weight",
+    "hidden_distill_weight", "seed", "bf16",
     "lora_rank", "lora_alpha", "lora_dropout", "on_bad_record", "max_length", "sparsity",
 )
 
@@ -283,7 +289,7 @@ def load_model(recipe: TrainingRecipe) -> DynamicLlavaForConditionalGeneration:
 
 
 def load_teacher(recipe: TrainingRecipe):
-    """The frozen dense teacher of `distill_weight`: the starting checkpoint with every token kept, in eval mode."""
+    """The frozen dense teacher of `distill_weight` and `hidden_distill_weight`: the starting checkpoint with every token kept, in eval mode."""
     dtype = torch.bfloat16 if recipe.bf16 else torch.float32
     teacher = model_class_for(recipe.model).from_pretrained(recipe.model, dtype=dtype,
                                                             **{**recipe.sparsity, "image_keep_rate": 1.0,
@@ -333,8 +339,9 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
         data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
         predictor_learning_rate=recipe.predictor_learning_rate,
         loss_average=recipe.loss_average,
-        teacher=load_teacher(recipe) if recipe.distill_weight > 0 else None,
+        teacher=load_teacher(recipe) if recipe.distill_weight > 0 or recipe.hidden_distill_weight > 0 else None,
         distill_weight=recipe.distill_weight,
+        hidden_distill_weight=recipe.hidden_distill_weight,
         run_fingerprint=recipe.fingerprint(),
         callbacks=callbacks,
         processing_class=processor,

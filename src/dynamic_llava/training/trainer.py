@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from ..losses import distillation_loss, per_answer_loss
+from ..losses import distillation_loss, hidden_distillation_loss, per_answer_loss
 
 STAGING_DIR = ".staging"
 RUN_FILE = "run.json"  # the run's fingerprint, written into every checkpoint and the final model
@@ -53,6 +54,19 @@ def save_failure(path: str, error: BaseException) -> OSError:
     )
 
 
+@contextlib.contextmanager
+def captured_inputs(*modules):
+    """Yield a list that each module's forward fills with its first input (the final hidden states, for LM heads)."""
+    seen = [None] * len(modules)
+    handles = [m.register_forward_hook(lambda _, args, __, i=i: seen.__setitem__(i, args[0]))
+               for i, m in enumerate(modules)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def gumbel_temperature(step: int, max_steps: int, start: float = 1.0, end_factor: float = 0.1) -> float:
     """tau = start * end_factor ** (step / max_steps): 1.0 -> 0.1 over the run, updated every optimizer step."""
     return start * end_factor ** (step / max(max_steps, 1))
@@ -69,7 +83,9 @@ class DynamicLlavaTrainer(Trainer):
       `loss_average="answer"` each answer's mean averaged over the answers: short answers then weigh as
       much as long ones) + budget_weight * (R_I + R_OT), the budget term averaged over the accumulation
       steps, so the number of accumulation steps changes neither term's weight; with a `teacher`, plus
-      `distill_weight` * KL(teacher || student) on the answer tokens (`losses.distillation_loss`);
+      `distill_weight` * KL(teacher || student) on the answer tokens (`losses.distillation_loss`) and
+      `hidden_distill_weight` * the relative squared error of the last hidden states on the text tokens
+      (`losses.hidden_distillation_loss`);
     * the Gumbel-Softmax temperature follows `gumbel_temperature` of the optimizer step (so a
       resumed run continues it exactly);
     * predictors get `predictor_learning_rate`, everything else trainable `args.learning_rate`;
@@ -78,10 +94,12 @@ class DynamicLlavaTrainer(Trainer):
     """
 
     def __init__(self, *args, predictor_learning_rate: float = 2e-4, run_fingerprint: dict | None = None,
-                 loss_average: str = "token", teacher=None, distill_weight: float = 0.0, **kwargs):
+                 loss_average: str = "token", teacher=None, distill_weight: float = 0.0,
+                 hidden_distill_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.distill_weight = distill_weight
+        self.hidden_distill_weight = hidden_distill_weight
         if teacher is not None:
             teacher.to(self.args.device)
         self.predictor_learning_rate = predictor_learning_rate
@@ -94,8 +112,17 @@ class DynamicLlavaTrainer(Trainer):
     # ---------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tau = gumbel_temperature(self.state.global_step, self.state.max_steps)
-        outputs = model(**inputs, gumbel_tau=tau, num_items_in_batch=num_items_in_batch,
-                        mask_gradient_scale=1.0 / self.current_gradient_accumulation_steps)
+        taught = self.teacher is not None and model.training
+        heads = ()
+        if taught and self.hidden_distill_weight > 0:  # read the hidden states the LM heads get
+            heads = (self.accelerator.unwrap_model(model).get_output_embeddings(), self.teacher.get_output_embeddings())
+        with captured_inputs(*heads) as hidden:
+            outputs = model(**inputs, gumbel_tau=tau, num_items_in_batch=num_items_in_batch,
+                            mask_gradient_scale=1.0 / self.current_gradient_accumulation_steps)
+            if taught:
+                with torch.no_grad():
+                    teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "answer_mask")}
+                    teacher_logits = self.teacher(**teacher_inputs, use_cache=False).logits
         lm_loss = outputs.lm_loss
         if self.loss_average == "answer":
             lm_loss = per_answer_loss(outputs.logits, inputs["labels"]) / self.current_gradient_accumulation_steps
@@ -105,13 +132,18 @@ class DynamicLlavaTrainer(Trainer):
             lm_loss = lm_loss * self.accelerator.num_processes  # DDP averages; the count spans all ranks
         weight = self.accelerator.unwrap_model(model).config.budget_weight
         loss = lm_loss + weight * outputs.budget_loss / self.current_gradient_accumulation_steps
-        distill = None
-        if self.teacher is not None and model.training:
-            with torch.no_grad():
-                teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "answer_mask")}
-                teacher_logits = self.teacher(**teacher_inputs, use_cache=False).logits
-            distill = distillation_loss(outputs.logits, teacher_logits, inputs["labels"])
-            loss = loss + self.distill_weight * distill / self.current_gradient_accumulation_steps
+        distill = {}
+        if taught and self.distill_weight > 0:
+            distill["distill_loss"] = distillation_loss(outputs.logits, teacher_logits, inputs["labels"])
+            loss = loss + self.distill_weight * distill["distill_loss"] / self.current_gradient_accumulation_steps
+        if heads:
+            image_id = self.accelerator.unwrap_model(model).config.image_token_id
+            text = inputs["input_ids"] != image_id
+            if inputs.get("attention_mask") is not None:
+                text = text & inputs["attention_mask"].bool()
+            distill["hidden_distill_loss"] = hidden_distillation_loss(hidden[0], hidden[1], text)
+            loss = loss + (self.hidden_distill_weight * distill["hidden_distill_loss"]
+                           / self.current_gradient_accumulation_steps)
         if model.training:
             finite = bool(torch.isfinite(loss.detach()))
             if self._on_any_rank(not finite):
@@ -148,10 +180,8 @@ class DynamicLlavaTrainer(Trainer):
             "(--learning-rate, --predictor-learning-rate) or --budget-weight, or enable --max-grad-norm."
         )
 
-    def _track(self, outputs, tau: float, distill=None) -> None:
-        values = {"lm_loss": outputs.lm_loss, "budget_loss": outputs.budget_loss, "tau": tau}
-        if distill is not None:
-            values["distill_loss"] = distill
+    def _track(self, outputs, tau: float, distill: dict | None = None) -> None:
+        values = {"lm_loss": outputs.lm_loss, "budget_loss": outputs.budget_loss, "tau": tau, **(distill or {})}
         for name, ratio in (("image_keep", outputs.image_keep_ratio), ("text_keep", outputs.text_keep_ratio)):
             if ratio is not None and not bool(ratio.isnan().all()):
                 values[name] = ratio.nanmean()  # over the samples that have such tokens

@@ -8,7 +8,8 @@
    decay once the targets hold; then a polish at a lower, decaying learning rate with counting (the
    hardest type) weighted up;
 3. fine-tune Dynamic-LLaVA I|T from it with the sparsification-aware recipe (`training.train`), the dense
-   model also its teacher (`distill_weight`);
+   model also its teacher (`distill_weight` on the answer's logits, `hidden_distill_weight` on the last hidden
+   states of the text tokens);
 4. save both (fp16 weights, with the processor) and evaluate them on the test split and on a fresh
    generator seed.
 
@@ -82,6 +83,7 @@ class WorldRecipe:
     dynamic_image_mask_sampling: str = "gumbel"  # or "top_share": the fine-tune's image masks as inference's
     dynamic_image_selection: str = "diverse"  # which tokens the learned scores keep ("top": the paper's top-k)
     dynamic_distill_weight: float = 1.0  # KL to the dense model on the answer tokens (0: the paper's loss alone)
+    dynamic_hidden_distill_weight: float = 5.0  # its last hidden states matched on the text tokens (0: off)
     eval_limit: int | None = None
 
 
@@ -271,6 +273,7 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
         batch_size=recipe.batch_size, save_steps=max(recipe.dynamic_steps // 4, 1), logging_steps=25,
         seed=recipe.seed, resume=True, max_grad_norm=recipe.dynamic_max_grad_norm,
         loss_average=recipe.dynamic_loss_average, distill_weight=recipe.dynamic_distill_weight,
+        hidden_distill_weight=recipe.dynamic_hidden_distill_weight,
         sparsity={"image_keep_rate": recipe.image_keep_rate, "text_keep_rate": recipe.text_keep_rate,
                   "min_answer_tokens": recipe.min_answer_tokens,
                   "image_mask_sampling": recipe.dynamic_image_mask_sampling,
