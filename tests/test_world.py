@@ -298,11 +298,14 @@ def test_a_world_build_refuses_dense_stages_of_another_recipe(tmp_path):
     _check_same_run(same, recipe, tmp_path / "dense-3")  # the same recipe: reused
     with pytest.raises(ValueError, match=r"question_steps: 10 there, 4000 now.*another --work folder"):
         _check_same_run({**same, "question_steps": 10}, recipe, tmp_path / "dense-1", 0)
-    # the fine-tune's folder follows the dense model's settings: another dense model never resumes its checkpoints
+    # the fine-tune's folder follows the dense model's settings and its own: another dense model or another
+    # fine-tune recipe never resumes (nor is refused by) its checkpoints; evaluation settings do not matter
     from dynamic_llava.world.build import dynamic_folder
 
-    assert dynamic_folder(recipe) == dynamic_folder(WorldRecipe(work=str(tmp_path), dynamic_steps=9))
+    assert dynamic_folder(recipe) == dynamic_folder(WorldRecipe(work=str(tmp_path), test_size=50, eval_limit=9))
     assert dynamic_folder(recipe) != dynamic_folder(WorldRecipe(work=str(tmp_path), polish_steps=5))
+    for changed in ({"dynamic_steps": 9}, {"dynamic_hidden_distill_weight": 0.0}, {"train_size": 100}):
+        assert dynamic_folder(recipe) != dynamic_folder(WorldRecipe(work=str(tmp_path), **changed)), changed
     # a stage is judged by the settings of the stages up to it: a later stage's settings do not matter
     first = _dense_fingerprint(recipe, 0)
     assert "question_steps" in first and "long_steps" not in first and "polish_steps" not in first

@@ -203,14 +203,23 @@ def _save_fp16(model, processor, folder: Path) -> None:
     staging.rename(folder)
 
 
+FINE_TUNE_FIELDS = ("seed", "batch_size", "train_size", "dynamic_steps", "dynamic_learning_rate",
+                    "predictor_learning_rate", "image_keep_rate", "text_keep_rate", "min_answer_tokens",
+                    "dynamic_max_grad_norm", "dynamic_loss_average", "dynamic_image_mask_sampling",
+                    "dynamic_image_selection", "dynamic_distill_weight", "dynamic_hidden_distill_weight")
+
+
 def dynamic_folder(recipe: WorldRecipe) -> Path:
-    """Where the fine-tune runs: named by the dense model's settings (or, with `recipe.dense`, by its weights), so
-    a rerun after another dense build starts afresh instead of resuming checkpoints fine-tuned from the old one."""
+    """Where the fine-tune runs: named by the dense model's settings (or, with `recipe.dense`, by its weights) and
+    by the fine-tune's own settings, so a rerun after another dense build, or with another fine-tune recipe,
+    starts afresh beside the earlier run instead of resuming (or refusing) its checkpoints."""
     if recipe.dense:
-        digest = hashlib.sha256((Path(recipe.dense) / "model.safetensors").read_bytes()).hexdigest()[:10]
+        dense = hashlib.sha256((Path(recipe.dense) / "model.safetensors").read_bytes()).hexdigest()[:10]
     else:
-        digest = hashlib.sha256(json.dumps(_dense_fingerprint(recipe), sort_keys=True).encode()).hexdigest()[:10]
-    return Path(recipe.work) / f"dynamic-{digest}"
+        dense = hashlib.sha256(json.dumps(_dense_fingerprint(recipe), sort_keys=True).encode()).hexdigest()[:10]
+    settings = {k: getattr(recipe, k) for k in FINE_TUNE_FIELDS}
+    tune = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(recipe.work) / f"dynamic-{dense}-{tune}"
 
 
 def load_dense(recipe: WorldRecipe) -> tuple[LlavaForConditionalGeneration, object, dict]:
