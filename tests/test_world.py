@@ -324,10 +324,12 @@ def test_a_fine_tune_can_start_from_an_earlier_builds_dense_model(tmp_path):
     model = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=2))
     model.to(torch.float16).save_pretrained(tmp_path / DENSE_DIR)
     processor.save_pretrained(tmp_path / DENSE_DIR)
-    (tmp_path / "world_report.json").write_text(json.dumps({"stages": [{"steps": 3}], "dense_seconds": 7}))
+    stages = [{"steps": 3, "seconds": 4}]
+    (tmp_path / "world_report.json").write_text(json.dumps({"stages": stages, "vision_seconds": 3, "dense_seconds": 1}))
     recipe = WorldRecipe(work=str(tmp_path / "work"), dense=str(tmp_path / DENSE_DIR))
     dense, loaded_processor, record = load_dense(recipe)
-    assert dense.dtype == torch.float32 and record["stages"] == [{"steps": 3}] and record["dense_seconds"] == 7
+    assert dense.dtype == torch.float32 and record["stages"] == stages and record["vision_seconds"] == 3
+    assert "dense_seconds" not in record  # recomputed from the stages, never carried
     for (name, a), b in zip(model.state_dict().items(), dense.state_dict().values()):
         assert torch.equal(a.float(), b), name
     assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
@@ -351,12 +353,14 @@ def test_a_build_from_an_earlier_dense_model_fine_tunes_saves_and_reports(tmp_pa
     LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=3)).save_pretrained(
         earlier / DENSE_DIR)
     processor.save_pretrained(earlier / DENSE_DIR)
-    (earlier / "world_report.json").write_text(json.dumps({"stages": [{"steps": 3}], "dense_seconds": 7}))
+    stages = [{"steps": 3, "seconds": 4}, {"steps": 2, "seconds": 1}]
+    (earlier / "world_report.json").write_text(json.dumps({"stages": stages, "vision_seconds": 2, "dense_seconds": 99}))
     recipe = WorldRecipe(output=str(tmp_path / "out"), work=str(tmp_path / "work"), dense=str(earlier / DENSE_DIR),
                          train_size=8, test_size=6, dynamic_steps=2, batch_size=4, eval_limit=6,
                          dynamic_image_selection="diverse")
     report = build_world(recipe)
-    assert report["stages"] == [{"steps": 3}] and report["dense_seconds"] == 7
+    # the dense model's cost is what its stages took when trained (2 + 4 + 1), not a figure carried along
+    assert report["stages"] == stages and report["dense_seconds"] == 7
     assert report["train_seconds"] == 7 + report["dynamic_seconds"]
     assert json.loads((tmp_path / "out" / "world_report.json").read_text())["recipe"]["dense"] == recipe.dense
     config = DynamicLlavaConfig.from_pretrained(tmp_path / "out" / DYNAMIC_DIR)
@@ -365,3 +369,23 @@ def test_a_build_from_an_earlier_dense_model_fine_tunes_saves_and_reports(tmp_pa
     assert run["settings"]["distill_weight"] == recipe.dynamic_distill_weight > 0  # the dense model taught it
     assert run["settings"]["hidden_distill_weight"] == recipe.dynamic_hidden_distill_weight > 0
     assert report[DYNAMIC_DIR]["test"]["samples"] == 6 and report[DYNAMIC_DIR]["fresh"]["samples"] == 6
+
+
+def test_the_dense_cost_is_summed_from_the_stage_records_and_the_tower_keeps_its_seconds(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from dynamic_llava.world.build import WorldRecipe, _dense_seconds, _vision_tower
+
+    assert _dense_seconds({"vision_seconds": 2, "stages": [{"seconds": 4}, {"seconds": 1.4}]}) == 7
+    assert _dense_seconds({"vision_seconds": None, "stages": [{"seconds": 4}]}) is None  # unknown, not a guess
+    assert _dense_seconds({"vision_seconds": 2, "stages": [{"steps": 3}]}) is None
+    processor = build_processor()
+    model = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=2))
+    recipe = WorldRecipe(work=str(tmp_path), vision_steps=1, vision_batch_size=2)
+    accuracy, seconds = _vision_tower(model, processor, recipe, tmp_path)
+    assert isinstance(seconds, int) and seconds >= 0 and (tmp_path / "vision_tower" / "seconds.json").is_file()
+    # reused by a later build: the same tower, the seconds its training took
+    again = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), width=32, layers=2))
+    assert _vision_tower(again, processor, recipe, tmp_path) == (accuracy, seconds)
+    for a, b in zip(model.model.vision_tower.state_dict().values(), again.model.vision_tower.state_dict().values()):
+        assert torch.equal(a, b)

@@ -118,19 +118,25 @@ def _pools(model, processor, recipe: WorldRecipe) -> tuple[ScenePool, ScenePool]
             ScenePool(held_out, encode_scenes(model, processor.image_processor, held_out)))
 
 
-def _vision_tower(dense, processor, recipe: WorldRecipe, work: Path) -> dict:
+def _vision_tower(dense, processor, recipe: WorldRecipe, work: Path) -> tuple[dict, int | None]:
+    """Stage 0, or the tower an earlier build saved: its patch accuracy and the seconds its training took."""
     source = Path(recipe.vision_tower) if recipe.vision_tower else work / "vision_tower"
     if (source / "model.safetensors").is_file():
         dense.model.vision_tower.load_state_dict(load_file(source / "model.safetensors"))
-        return json.loads((source / "patch_accuracy.json").read_text())
+        seconds = source / "seconds.json"
+        return (json.loads((source / "patch_accuracy.json").read_text()),
+                json.loads(seconds.read_text()) if seconds.is_file() else None)
+    started = time.time()
     report = pretrain_vision_tower(dense.model.vision_tower, processor.image_processor, recipe.vision_steps,
                                    recipe.vision_batch_size, seed=recipe.seed)
     staging = work / "vision_tower.partial"
     staging.mkdir(parents=True, exist_ok=True)
     save_file(dense.model.vision_tower.state_dict(), staging / "model.safetensors")
     (staging / "patch_accuracy.json").write_text(json.dumps(report))
+    seconds = round(time.time() - started)
+    (staging / "seconds.json").write_text(json.dumps(seconds))
     staging.rename(source)
-    return report
+    return report, seconds
 
 
 def _dense_stages(recipe: WorldRecipe) -> list[Stage]:
@@ -153,7 +159,8 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
     work = Path(recipe.work)
     torch.manual_seed(recipe.seed)
     dense = LlavaForConditionalGeneration(tiny_llava_config(len(processor.tokenizer), heads=recipe.decoder_heads))
-    record = {"vision_tower_patch_accuracy": _vision_tower(dense, processor, recipe, work), "stages": []}
+    accuracy, vision_seconds = _vision_tower(dense, processor, recipe, work)
+    record = {"vision_tower_patch_accuracy": accuracy, "vision_seconds": vision_seconds, "stages": []}
     log(f"vision tower patch accuracy: {record['vision_tower_patch_accuracy']}")
     dense.model.vision_tower.requires_grad_(False)  # frozen from here on, as CLIP in LLaVA
     pools = None
@@ -231,7 +238,7 @@ def load_dense(recipe: WorldRecipe) -> tuple[LlavaForConditionalGeneration, obje
     record = {"dense_checkpoint": str(folder)}
     if earlier.is_file():
         found = json.loads(earlier.read_text())
-        record.update({k: found[k] for k in ("vision_tower_patch_accuracy", "stages", "dense_seconds") if k in found})
+        record.update({k: found[k] for k in ("vision_tower_patch_accuracy", "vision_seconds", "stages") if k in found})
     return dense, AutoProcessor.from_pretrained(folder), record
 
 
@@ -246,26 +253,31 @@ def world_splits(root: Path, recipe: WorldRecipe) -> dict[str, Path]:
 
 def build_world(recipe: WorldRecipe, log=logger.info) -> dict:
     """Run every step; returns the evaluation report (also written to `output/world_report.json`)."""
-    started = time.time()
     work, output = Path(recipe.work), Path(recipe.output)
     if recipe.dense:
         dense, processor, record = load_dense(recipe)
-        dense_seconds = record.pop("dense_seconds", None)  # the earlier build's, when its report says
         log(f"dense model from {recipe.dense}: stages 0-2 skipped")
     else:
         processor = build_processor()
         dense, record = train_dense(recipe, processor, log)
-        dense_seconds = round(time.time() - started)
+    dense_seconds = _dense_seconds(record)
     splits = world_splits(work / "data", recipe)
     report = finish_world(recipe, dense, processor, splits)
     rng = np.random.default_rng([recipe.seed, 33])
     scenes = [sample_scene(rng) for _ in range(2000)]
-    report.update(dense_seconds=dense_seconds, train_seconds=(dense_seconds or 0) + report["dynamic_seconds"],
+    report.update(dense_seconds=dense_seconds, train_seconds=None if dense_seconds is None else dense_seconds + report["dynamic_seconds"],
                   random_keep_object_loss={str(r): random_keep_loss_rate(scenes, r) for r in (0.1, 0.2, 0.5)},
                   **record)
     output.mkdir(parents=True, exist_ok=True)
     (output / "world_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _dense_seconds(record: dict) -> int | None:
+    """The seconds stages 0-2 took when they were trained, summed from their records: a build that resumed or
+    reused them (`--dense`) reports what training them cost, not its own time. None where a figure is missing."""
+    seconds = [record.get("vision_seconds")] + [stage.get("seconds") for stage in record.get("stages", [])]
+    return None if None in seconds else round(sum(seconds))
 
 
 def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path]) -> dict:
