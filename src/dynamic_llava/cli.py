@@ -218,7 +218,7 @@ def world(
     question_steps: int = typer.Option(4000, min=1, help="Most dense steps on short questions (ends at the target)."),
     long_steps: int = typer.Option(1500, min=1, help="Most dense steps on questions, descriptions and listings."),
     polish_steps: int = typer.Option(800, min=1, help="Dense steps at a decaying learning rate, counting weighted up."),
-    dynamic_steps: int = typer.Option(400, min=1, help="Dynamic-LLaVA fine-tuning steps."),
+    dynamic_steps: int = typer.Option(800, min=1, help="Dynamic-LLaVA fine-tuning steps."),
     image_mask_sampling: str = typer.Option("gumbel", help="gumbel | top_share: the fine-tune's image masks, "
                                             "sampled per token (the paper's) or each image's inference share."),
     image_selection: str = typer.Option("diverse", help="top | diverse: which image tokens the fine-tuned model's "

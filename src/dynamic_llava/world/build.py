@@ -72,7 +72,7 @@ class WorldRecipe:
     decoder_heads: int = 4
     train_size: int = 8000  # records (with images) for the Dynamic-LLaVA fine-tune
     test_size: int = 1200
-    dynamic_steps: int = 400
+    dynamic_steps: int = 800
     dynamic_learning_rate: float = 2e-4
     predictor_learning_rate: float = 2e-3
     image_keep_rate: float = 0.2
