@@ -265,7 +265,8 @@ def build_world(recipe: WorldRecipe, log=logger.info) -> dict:
     report = finish_world(recipe, dense, processor, splits)
     rng = np.random.default_rng([recipe.seed, 33])
     scenes = [sample_scene(rng) for _ in range(2000)]
-    report.update(dense_seconds=dense_seconds, train_seconds=None if dense_seconds is None else dense_seconds + report["dynamic_seconds"],
+    train_seconds = None if dense_seconds is None else dense_seconds + report["dynamic_seconds"]
+    report.update(dense_seconds=dense_seconds, train_seconds=train_seconds,
                   random_keep_object_loss={str(r): random_keep_loss_rate(scenes, r) for r in (0.1, 0.2, 0.5)},
                   **record)
     output.mkdir(parents=True, exist_ok=True)
