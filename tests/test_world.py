@@ -13,7 +13,7 @@ from transformers import AutoProcessor
 from dynamic_llava import DynamicLlavaConfig, DynamicLlavaForConditionalGeneration
 from dynamic_llava.data import LlavaConversationDataset
 from dynamic_llava.evaluation import evaluate_world, exact_match
-from dynamic_llava.evaluation.world import listing_correct
+from dynamic_llava.evaluation.world import listing_correct, listing_scores
 from dynamic_llava.world.assets import build_processor
 from dynamic_llava.world.dense import PromptEncoder, ScenePool, Stage, encode_scenes, held_out_accuracy, train_stage
 from dynamic_llava.world.models import tiny_llava_config
@@ -138,6 +138,25 @@ def test_listings_go_backwards_and_their_check_needs_the_order():
     assert listing_correct(other, answer)  # another order is right, if its second part follows it
     swapped_tail = first + "backwards : " + " , ".join(names) + " ."
     assert not listing_correct(swapped_tail, answer)
+
+
+def test_listing_scores_give_partial_credit():
+    rng = np.random.default_rng(5)
+    scene, (_, answer) = sample_turn(rng, "list")
+    items = [" ".join(i.split()) for i in answer.split("backwards :")[0].rstrip(" .").split(";")]
+    names = [" ".join(item.split()[2:4]) for item in items]
+    assert listing_scores([answer], [answer]) == {"items_named": 1.0, "self_reversed": 1.0}
+    # one object wrong (another shape at another cell), its own order reversed: partial credit, self-consistent
+    wrong = "a small ochre blob at nowhere"
+    altered = " ; ".join([wrong] + items[1:]) + " . backwards : " + " , ".join((["ochre blob"] + names[1:])[::-1]) + " ."
+    scores = listing_scores([altered], [answer])
+    assert scores["items_named"] == pytest.approx((len(items) - 1) / len(items)) and scores["self_reversed"] == 1.0
+    # right objects, second part not reversed; and an answer without a second part
+    not_reversed = answer.split("backwards :")[0] + "backwards : " + " , ".join(names) + " ."
+    scores = listing_scores([not_reversed, "a small red circle at top ."], [answer, answer])
+    assert scores == {"items_named": 0.5, "self_reversed": 0.0}
+    with pytest.raises(ValueError, match="not a listing reference"):
+        listing_scores([answer], ["blue"])
 
 
 def test_tokenizer_covers_the_world_and_long_answers_are_long(tmp_path):

@@ -172,6 +172,24 @@ def listing_correct(prediction: str, reference: str) -> bool:
     return sorted(items) == sorted(reference_items) and tail == names[::-1]
 
 
+def listing_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Partial credit for listings, which `listing_correct` judges whole: the share of the references' items
+    ("a <size> <colour> <shape> at <cell>") named exactly, and the share of listings whose second part
+    reverses the order their own first part chose (right or wrong objects)."""
+    named = wanted = reversed_ = 0
+    for prediction, reference in zip(predictions, references, strict=True):
+        parsed, target = _listing_parts(prediction), _listing_parts(reference)
+        if target is None:
+            raise ValueError(f"not a listing reference (no {BACKWARDS!r}): {reference!r}")
+        wanted += len(target[0])
+        if parsed is None:
+            continue
+        items, tail = parsed
+        named += len(set(items) & set(target[0]))
+        reversed_ += tail == [" ".join(item.split()[2:4]) for item in items][::-1]
+    return {"items_named": named / max(wanted, 1), "self_reversed": reversed_ / max(len(references), 1)}
+
+
 def evaluate_world(model, processor, split_json, image_root, limit=None, batch_size=32, policy=None,
                    blank_control=True, progress=True) -> dict:
     """Per-type exact match (and with blank images, the chance control); for descriptions and listings chrF,
@@ -210,6 +228,8 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
                                                                progress, after=BACKWARDS)
         if kind == "list":
             report["list_backwards_ppl"] = backwards
+            scores = listing_scores([d["prediction"] for d in done], [d["answer"] for d in done])
+            report["list_items_named"], report["list_self_reversed"] = scores["items_named"], scores["self_reversed"]
         answers = answers + done
     report["image_tokens_kept"] = sum(a["image_tokens_kept"] or 0 for a in answers) / len(answers)
     kept = [a for a in answers if a["generated"]]
@@ -219,4 +239,4 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
 
 
 __all__ = ["BACKWARDS", "answer_perplexities", "answer_perplexity", "answer_questions", "batch_inputs",
-           "evaluate_world", "first_turns", "listing_correct", "prompt_inputs", "world_prompt"]
+           "evaluate_world", "first_turns", "listing_correct", "listing_scores", "prompt_inputs", "world_prompt"]
