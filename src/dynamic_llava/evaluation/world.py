@@ -193,8 +193,9 @@ def listing_scores(predictions: list[str], references: list[str]) -> dict[str, f
 def evaluate_world(model, processor, split_json, image_root, limit=None, batch_size=32, policy=None,
                    blank_control=True, progress=True) -> dict:
     """Per-type exact match (and with blank images, the chance control); for descriptions and listings chrF,
-    exact match and perplexity (for listings also of their second part alone, which depends on the first);
-    mean image tokens kept, generated tokens kept and KV tokens per sample."""
+    exact match and perplexity (for listings also of their second part alone, which depends on the first,
+    and `listing_scores`' partial credit); mean image tokens kept, generated tokens kept and KV tokens per
+    sample."""
     records = json.loads(Path(split_json).read_text())[:limit]
     items = first_turns(records)
     short = [i for i in items if i["type"] not in ("describe", "list")]
