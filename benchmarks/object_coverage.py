@@ -56,25 +56,21 @@ def main() -> None:
     root = Path(args.checkpoints)
     dynamic, processor = load_world_model(root / "tiny-dynamic-llava")
     dense, _ = load_world_model(root / "tiny-llava", quiet=True)  # the training-free methods run on the dense model
-    for model in (dynamic, dense):
-        model.config.text_keep_rate = 1.0
-    dense.config.image_keep_rate = 1.0
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng) for _ in range(args.scenes)]
     patches = [object_patches(scene) for scene in scenes]
     images = [render(scene, dynamic.config.vision_config.image_size) for scene in scenes]
     results: dict = {"seed": args.seed, "scenes": args.scenes, "objects": sum(map(len, patches)), "rates": {}}
     for rate in rates:
-        policies = {"Dynamic-LLaVA": (dynamic, LearnedPolicy(image_keep_rate=rate)),
-                    "CDPruner-style": (dense, CDPrunerPolicy(image_keep_rate=rate)),
-                    "DART-style": (dense, DARTPolicy(image_keep_rate=rate)),
-                    "FastV": (dense, FastVPolicy(image_keep_rate=rate)),
-                    "random (seed 0)": (dense, RandomPolicy(image_keep_rate=rate, seed=0))}
+        runs = [(dynamic, {"Dynamic-LLaVA": LearnedPolicy(image_keep_rate=rate)}),
+                (dense, {"CDPruner-style": CDPrunerPolicy(image_keep_rate=rate),
+                         "DART-style": DARTPolicy(image_keep_rate=rate), "FastV": FastVPolicy(image_keep_rate=rate),
+                         "random (seed 0)": RandomPolicy(image_keep_rate=rate, seed=0)})]
         row = {}
-        for name, (model, policy) in policies.items():
-            masks = [kept_image_tokens(model, processor, image, QUESTION, {name: policy})[name].nonzero().flatten().tolist()
-                     for image in images]
-            row[name] = coverage(masks, patches)
+        for model, policies in runs:
+            kept = [kept_image_tokens(model, processor, image, QUESTION, policies) for image in images]
+            for name in policies:
+                row[name] = coverage([k[name].nonzero().flatten().tolist() for k in kept], patches)
         row["uniform random, exact"] = {"objects_with_a_kept_patch": 1 - random_keep_loss_rate(scenes, rate)}
         results["rates"][str(rate)] = row
     print(f"Objects of {args.scenes} fresh scenes (seed {args.seed}, {results['objects']} objects) and the image "

@@ -168,8 +168,12 @@ def listing_correct(prediction: str, reference: str) -> bool:
     if parsed is None or wanted is None:
         return False
     (items, tail), (reference_items, _) = parsed, wanted
-    names = [" ".join(item.split()[2:4]) for item in items]  # "a <size> <colour> <shape> at <cell>"
-    return sorted(items) == sorted(reference_items) and tail == names[::-1]
+    return sorted(items) == sorted(reference_items) and tail == _names(items)[::-1]
+
+
+def _names(items: list[str]) -> list[str]:
+    """The "<colour> <shape>" of each listing item ("a <size> <colour> <shape> at <cell>")."""
+    return [" ".join(item.split()[2:4]) for item in items]
 
 
 def listing_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -186,7 +190,7 @@ def listing_scores(predictions: list[str], references: list[str]) -> dict[str, f
             continue
         items, tail = parsed
         named += len(set(items) & set(target[0]))
-        reversed_ += tail == [" ".join(item.split()[2:4]) for item in items][::-1]
+        reversed_ += tail == _names(items)[::-1]
     return {"items_named": named / max(wanted, 1), "self_reversed": reversed_ / max(len(references), 1)}
 
 
@@ -230,7 +234,7 @@ def evaluate_world(model, processor, split_json, image_root, limit=None, batch_s
         if kind == "list":
             report["list_backwards_ppl"] = backwards
             scores = listing_scores([d["prediction"] for d in done], [d["answer"] for d in done])
-            report["list_items_named"], report["list_self_reversed"] = scores["items_named"], scores["self_reversed"]
+            report.update({f"list_{name}": value for name, value in scores.items()})
         answers = answers + done
     report["image_tokens_kept"] = sum(a["image_tokens_kept"] or 0 for a in answers) / len(answers)
     kept = [a for a in answers if a["generated"]]
