@@ -29,6 +29,7 @@ from dynamic_llava.benchmarking.workloads import load_world_model
 from dynamic_llava.evaluation import first_turns
 from dynamic_llava.evaluation.metrics import chrf
 from dynamic_llava.evaluation.world import BACKWARDS, answer_perplexities, answer_questions, batch_inputs
+from dynamic_llava.world.assets import world_clutter
 from dynamic_llava.world.scenes import write_split
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         items = first_turns(json.loads(write_split(root, "test", args.samples, mix={"describe": 0.5, "list": 0.5},
-                                                   seed=args.seed).read_text()))
+                                                   seed=args.seed, clutter=world_clutter(args.checkpoint)).read_text()))
         images = root / "images"
         prompt = [int(batch_inputs(processor, [item], images)["attention_mask"].sum()) for item in items]
         answer = [len(tokenizer(item["answer"], add_special_tokens=False).input_ids) + 1 for item in items]

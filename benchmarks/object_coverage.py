@@ -18,6 +18,7 @@ import torch
 from dynamic_llava.benchmarking.accuracy import kept_image_tokens
 from dynamic_llava.benchmarking.workloads import load_world_model
 from dynamic_llava.policies import CDPrunerPolicy, DARTPolicy, FastVPolicy, LearnedPolicy, RandomPolicy
+from dynamic_llava.world.assets import world_clutter
 from dynamic_llava.world.scenes import object_patches, random_keep_loss_rate, render, sample_scene
 
 QUESTION = "how many objects are there ?"  # every object matters to the answer
@@ -57,7 +58,7 @@ def main() -> None:
     dynamic, processor = load_world_model(root / "tiny-dynamic-llava")
     dense, _ = load_world_model(root / "tiny-llava", quiet=True)  # the training-free methods run on the dense model
     rng = np.random.default_rng(args.seed)
-    scenes = [sample_scene(rng) for _ in range(args.scenes)]
+    scenes = [sample_scene(rng, clutter=world_clutter(root / "tiny-dynamic-llava")) for _ in range(args.scenes)]
     patches = [object_patches(scene) for scene in scenes]
     images = [render(scene, dynamic.config.vision_config.image_size) for scene in scenes]
     results: dict = {"seed": args.seed, "scenes": args.scenes, "objects": sum(map(len, patches)), "rates": {}}

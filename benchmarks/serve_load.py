@@ -27,6 +27,7 @@ import torch
 from dynamic_llava import SparsityController
 from dynamic_llava.serving import Engine, Limits
 from dynamic_llava.serving.server import BackgroundServer
+from dynamic_llava.world.assets import world_clutter
 from dynamic_llava.world.scenes import render, sample_turn
 
 KINDS = ["count", "exist", "color", "shape", "position", "describe", "list"]
@@ -41,12 +42,12 @@ def png_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def make_requests(count: int, seed: int, settings: list[dict]) -> list[dict]:
+def make_requests(count: int, seed: int, settings: list[dict], clutter: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
         kind = KINDS[i % len(KINDS)]
-        scene, (question, answer) = sample_turn(rng, kind)
+        scene, (question, answer) = sample_turn(rng, kind, clutter=clutter)
         content = [{"type": "text", "text": question + "\n"}, {"type": "image_url", "image_url": {"url": png_url(render(scene))}}]
         out.append({"messages": [{"role": "user", "content": content}], "sparsity": settings[i % len(settings)],
                     "max_tokens": 90 if kind in ("describe", "list") else 8, "kind": kind})
@@ -120,7 +121,7 @@ def main() -> None:
     runs = {"dense": [], "Dynamic": []}
     for _ in range(args.repeats):  # alternate the two, so that drift on a shared machine hits both alike
         for label, settings in (("dense", DENSE), ("Dynamic", DYNAMIC)):
-            runs[label].append(run(label, args.checkpoint, make_requests(args.requests, args.seed, settings),
+            runs[label].append(run(label, args.checkpoint, make_requests(args.requests, args.seed, settings, world_clutter(args.checkpoint)),
                                    args.concurrency, args.max_batch_size))
     rows = []
     for label, repeats in runs.items():

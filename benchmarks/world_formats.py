@@ -19,6 +19,7 @@ from transformers import AutoProcessor
 from dynamic_llava import DynamicLlavaForConditionalGeneration
 from dynamic_llava.evaluation.benchmarks import answer_benchmark, read_questions, score_answers
 from dynamic_llava.world.export import export_world_benchmarks
+from dynamic_llava.world.assets import world_clutter
 from dynamic_llava.world.scenes import write_split
 
 HEADLINE = {"vqav2": ("accuracy",), "gqa": ("accuracy",), "pope": ("mean_f1", "mean_accuracy"),
@@ -41,9 +42,10 @@ def main() -> None:
     results: dict = {"seed": args.seed}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        write_split(work / "world", "test", args.questions, seed=args.seed)
+        clutter = world_clutter(root / "tiny-dynamic-llava")  # scenes of the world the models were trained in
+        write_split(work / "world", "test", args.questions, seed=args.seed, clutter=clutter)
         paths = export_world_benchmarks(work / "world" / "test.json", work / "bench", pope_images=args.pairs,
-                                        mme_images=args.pairs, seed=args.seed)
+                                        mme_images=args.pairs, seed=args.seed, clutter=clutter)
         for name, (folder, settings) in models.items():
             model = DynamicLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, **settings).eval()
             processor = AutoProcessor.from_pretrained(folder)

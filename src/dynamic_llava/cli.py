@@ -210,6 +210,8 @@ def world(
     output: str = typer.Option("checkpoints", help="Where the dense and Dynamic-LLaVA checkpoints are written."),
     work: str = typer.Option("runs/world", help="Data, cached stages and intermediate runs (a rerun resumes)."),
     seed: int = typer.Option(0, min=0, help="Seeds the world, the weights and the data order."),
+    clutter: int = typer.Option(0, min=0, max=32, help="A cluttered world: CLUTTER / 2 to CLUTTER specks per scene "
+                                "that no question asks about (0: the plain world of the shipped models)."),
     vision_steps: int = typer.Option(1200, min=1, help="Vision-tower pre-training steps on patch labels (stage 0)."),
     vision_tower: str = typer.Option(None, help="Reuse the vision tower an earlier build saved (WORK/vision_tower)."),
     dense: str = typer.Option(None, help="Fine-tune from the dense model an earlier build saved (OUTPUT/tiny-llava): "
@@ -249,7 +251,7 @@ def world(
     if image_selection not in IMAGE_SELECTIONS:
         _fail(f"--image-selection {image_selection}: choose {' or '.join(IMAGE_SELECTIONS)}.")
     report = build_world(WorldRecipe(
-        output=output, work=work, seed=seed, vision_steps=vision_steps, vision_tower=vision_tower,
+        output=output, work=work, seed=seed, clutter=clutter, vision_steps=vision_steps, vision_tower=vision_tower,
         pool_size=pool_size, question_steps=question_steps, long_steps=long_steps, polish_steps=polish_steps,
         dynamic_steps=dynamic_steps, dense=dense, dynamic_image_mask_sampling=image_mask_sampling,
         dynamic_image_selection=image_selection, dynamic_distill_weight=distill_weight,
@@ -349,6 +351,11 @@ def bench_accuracy(
               "was fine-tuned from, or 'none' to run the baselines on --checkpoint.")
     if questions < 10:
         _fail(f"--questions must be at least 10, got {questions}.")
+    from .world.assets import world_clutter
+
+    if baseline is not None and world_clutter(baseline) != world_clutter(checkpoint):
+        _fail(f"{checkpoint} and {baseline} were trained in different worlds (clutter {world_clutter(checkpoint)} and "
+              f"{world_clutter(baseline)}): pass the dense model of the same world build as --baseline-checkpoint.")
     _writable_folder(output, "--output")
     console = Console(width=160)
     report = run_accuracy(AccuracySettings(checkpoint=checkpoint, baseline_checkpoint=baseline, questions=questions,

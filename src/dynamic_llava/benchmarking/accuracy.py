@@ -41,6 +41,7 @@ from ..policies import (
     StreamingLLMPolicy,
 )
 from ..predictors import keep_log_prob
+from ..world.assets import world_clutter
 from ..world.scenes import write_split
 
 
@@ -99,6 +100,11 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
     """Run both sweeps; returns a JSON-ready dict."""
     from .workloads import load_world_model
 
+    clutter = world_clutter(settings.checkpoint)  # scenes from the world the checkpoint was trained in
+    if settings.baseline_checkpoint is not None and world_clutter(settings.baseline_checkpoint) != clutter:
+        raise ValueError(f"{settings.checkpoint} and {settings.baseline_checkpoint} were trained in different worlds "
+                         f"(clutter {clutter} and {world_clutter(settings.baseline_checkpoint)}): compare models of "
+                         "one world build.")
     model, processor = load_world_model(settings.checkpoint)
     model.config.text_keep_rate = 1.0  # image sweep: generated tokens all kept
     dense = None
@@ -107,9 +113,11 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
         dense.config.image_keep_rate = dense.config.text_keep_rate = 1.0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        test = first_turns(json.loads(write_split(root, "test", settings.questions, seed=settings.seed).read_text()))
+        test = first_turns(json.loads(write_split(root, "test", settings.questions, seed=settings.seed,
+                                                  clutter=clutter).read_text()))
         held_out = first_turns(json.loads(
-            write_split(root, "validation", settings.calibration, mix={"list": 1.0}, seed=settings.seed).read_text()))
+            write_split(root, "validation", settings.calibration, mix={"list": 1.0}, seed=settings.seed,
+                        clutter=clutter).read_text()))
         images = root / "images"
         short = [i for i in test if i["type"] not in ("describe", "list")]
         long = [i for i in test if i["type"] == "describe"]
@@ -117,7 +125,7 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
         per_image = model.tokens_per_image()
         prompt_tokens = batch_inputs(processor, short[:1], images, blank=False)["input_ids"].shape[1]
         counts = {t: sum(i["type"] == t for i in short) for t in sorted({i["type"] for i in short})}
-        report = {"settings": asdict(settings), "short_questions": len(short), "questions_per_type": counts,
+        report = {"settings": asdict(settings), "world_clutter": clutter, "short_questions": len(short), "questions_per_type": counts,
                   "descriptions": len(long), "listings": len(listings), "image_tokens": per_image,
                   "image_sweep": [], "text_sweep": []}
 

@@ -44,13 +44,15 @@ def accuracy_tables(report: dict) -> list[Table]:
 
 def kept_overlay_figure(checkpoint: str | Path, path: str | Path, rate: float = 0.2, seed: int = 5) -> Path:
     """Which image tokens each image policy keeps on one fresh world scene, as a PNG."""
+    from ..world.assets import world_clutter
     from ..world.scenes import DESCRIBE_PROMPT, render, sample_scene
     from .accuracy import kept_image_tokens
     from .plots import kept_overlay
     from .workloads import load_world_model
 
     model, processor = load_world_model(checkpoint)
-    image = render(sample_scene(np.random.default_rng(seed)), model.config.vision_config.image_size)
+    scene = sample_scene(np.random.default_rng(seed), clutter=world_clutter(checkpoint))
+    image = render(scene, model.config.vision_config.image_size)
     policies = {"dynamic-llava": LearnedPolicy(image_keep_rate=rate), "fastv": FastVPolicy(image_keep_rate=rate),
                 "cdpruner": CDPrunerPolicy(image_keep_rate=rate), "dart": DARTPolicy(image_keep_rate=rate),
                 "random": RandomPolicy(image_keep_rate=rate)}

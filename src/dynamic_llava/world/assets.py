@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -52,4 +55,18 @@ def build_processor(image_size: int = 96, patch_size: int = 12) -> LlavaProcesso
     return llava_processor(build_tokenizer(), image_size, patch_size)
 
 
-__all__ = ["build_processor", "build_tokenizer", "llava_processor", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID"]
+WORLD_FILE = "world.json"  # beside a world checkpoint's weights: the generator settings it was trained on
+
+
+def write_world_settings(folder, clutter: int) -> None:
+    """Record in a world checkpoint the world it was trained in, so that evaluations draw scenes from it."""
+    (Path(folder) / WORLD_FILE).write_text(json.dumps({"clutter": clutter}))
+
+
+def world_clutter(folder) -> int:
+    """The `clutter` setting of the world a checkpoint was trained in (0, the plain world, if it records none)."""
+    path = Path(folder) / WORLD_FILE
+    return int(json.loads(path.read_text()).get("clutter", 0)) if path.is_file() else 0
+
+
+__all__ = ["WORLD_FILE", "build_processor", "world_clutter", "write_world_settings", "build_tokenizer", "llava_processor", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID"]

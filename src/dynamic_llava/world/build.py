@@ -37,7 +37,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from ..evaluation import evaluate_world
 from ..modeling import DynamicLlavaForConditionalGeneration
 from ..training import TrainingRecipe, train
-from .assets import build_processor
+from .assets import build_processor, write_world_settings
 from .dense import PromptEncoder, ScenePool, Stage, encode_scenes, train_stage
 from .models import tiny_llava_config
 from .scenes import QUESTION_TYPES, random_keep_loss_rate, sample_scene, write_split
@@ -54,6 +54,7 @@ class WorldRecipe:
     output: str = "checkpoints"
     work: str = "runs/world"
     seed: int = 0
+    clutter: int = 0  # > 0: a cluttered world, clutter // 2 to clutter specks per scene (`scenes.sample_scene`)
     vision_steps: int = 1200
     vision_batch_size: int = 64
     vision_tower: str | None = None  # a tower saved by an earlier build (work/vision_tower): reused, stage 0 skipped
@@ -96,7 +97,8 @@ STAGE_FIELDS = (("question_steps", "question_target"), ("long_steps", "long_deca
 def _dense_fingerprint(recipe: WorldRecipe, stage: int | None = None) -> dict:
     """The recipe's settings that shape dense stage `stage` (0-based; None: the last), as saved beside it."""
     fields = [*DENSE_FIELDS, *(f for own in STAGE_FIELDS[: None if stage is None else stage + 1] for f in own)]
-    return {k: getattr(recipe, k) for k in fields}
+    found = {k: getattr(recipe, k) for k in fields}
+    return {**found, "clutter": recipe.clutter} if recipe.clutter else found  # plain-world builds keep their stamps
 
 
 def _check_same_run(found: dict, recipe: WorldRecipe, where: Path, stage: int | None = None) -> None:
@@ -111,9 +113,9 @@ def _check_same_run(found: dict, recipe: WorldRecipe, where: Path, stage: int | 
 
 def _pools(model, processor, recipe: WorldRecipe) -> tuple[ScenePool, ScenePool]:
     rng = np.random.default_rng([recipe.seed, 31])
-    train_scenes = [sample_scene(rng) for _ in range(recipe.pool_size)]
+    train_scenes = [sample_scene(rng, clutter=recipe.clutter) for _ in range(recipe.pool_size)]
     rng = np.random.default_rng([recipe.seed, 32])
-    held_out = [sample_scene(rng) for _ in range(recipe.held_out_size)]
+    held_out = [sample_scene(rng, clutter=recipe.clutter) for _ in range(recipe.held_out_size)]
     return (ScenePool(train_scenes, encode_scenes(model, processor.image_processor, train_scenes)),
             ScenePool(held_out, encode_scenes(model, processor.image_processor, held_out)))
 
@@ -122,13 +124,17 @@ def _vision_tower(dense, processor, recipe: WorldRecipe, work: Path) -> tuple[di
     """Stage 0, or the tower an earlier build saved: its patch accuracy and the seconds its training took."""
     source = Path(recipe.vision_tower) if recipe.vision_tower else work / "vision_tower"
     if (source / "model.safetensors").is_file():
+        accuracy = json.loads((source / "patch_accuracy.json").read_text())
+        if ("clutter" in accuracy) != (recipe.clutter > 0):  # only a cluttered world's tower reads specks
+            worlds = ("a plain", "a cluttered") if recipe.clutter else ("a cluttered", "a plain")
+            raise ValueError(f"{source} holds the tower of {worlds[0]} world, and this build is of {worlds[1]} one "
+                             "(--clutter): pass another --work folder or --vision-tower, or delete it.")
         dense.model.vision_tower.load_state_dict(load_file(source / "model.safetensors"))
         seconds = source / "seconds.json"
-        return (json.loads((source / "patch_accuracy.json").read_text()),
-                json.loads(seconds.read_text()) if seconds.is_file() else None)
+        return accuracy, json.loads(seconds.read_text()) if seconds.is_file() else None
     started = time.time()
     report = pretrain_vision_tower(dense.model.vision_tower, processor.image_processor, recipe.vision_steps,
-                                   recipe.vision_batch_size, seed=recipe.seed)
+                                   recipe.vision_batch_size, seed=recipe.seed, clutter=recipe.clutter)
     staging = work / "vision_tower.partial"
     staging.mkdir(parents=True, exist_ok=True)
     save_file(dense.model.vision_tower.state_dict(), staging / "model.safetensors")
@@ -197,13 +203,16 @@ def train_dense(recipe: WorldRecipe, processor, log=logger.info) -> tuple[LlavaF
     return dense, record
 
 
-def _save_fp16(model, processor, folder: Path) -> None:
-    """Write to a staging folder, then swap it in: a failed save leaves the previous checkpoint."""
+def _save_fp16(model, processor, folder: Path, clutter: int = 0) -> None:
+    """Write to a staging folder, then swap it in: a failed save leaves the previous checkpoint. A cluttered
+    world's checkpoint records its `clutter` (`assets.WORLD_FILE`)."""
     staging = folder.with_name(folder.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     model.to(torch.float16).save_pretrained(staging)
     processor.save_pretrained(staging)
+    if clutter:
+        write_world_settings(staging, clutter)
     model.to(torch.float32)
     if folder.exists():
         shutil.rmtree(folder)
@@ -238,6 +247,10 @@ def load_dense(recipe: WorldRecipe) -> tuple[LlavaForConditionalGeneration, obje
     record = {"dense_checkpoint": str(folder)}
     if earlier.is_file():
         found = json.loads(earlier.read_text())
+        clutter = found.get("recipe", {}).get("clutter", 0)
+        if clutter != recipe.clutter:
+            raise ValueError(f"{folder} was built in a world with --clutter {clutter}, and this build has --clutter "
+                             f"{recipe.clutter}: pass --clutter {clutter} to fine-tune it on its own world.")
         record.update({k: found[k] for k in ("vision_tower_patch_accuracy", "vision_seconds", "stages") if k in found})
     return dense, AutoProcessor.from_pretrained(folder), record
 
@@ -245,9 +258,10 @@ def load_dense(recipe: WorldRecipe) -> tuple[LlavaForConditionalGeneration, obje
 def world_splits(root: Path, recipe: WorldRecipe) -> dict[str, Path]:
     """The fine-tune's training records and the two test splits (the build's seed and a fresh one)."""
     return {
-        "train": write_split(root, "train", recipe.train_size, seed=recipe.seed),
-        "test": write_split(root, "test", recipe.test_size, seed=recipe.seed),
-        "fresh": write_split(root / "fresh", "test", recipe.test_size, seed=recipe.seed + FRESH_SEED_OFFSET),
+        "train": write_split(root, "train", recipe.train_size, seed=recipe.seed, clutter=recipe.clutter),
+        "test": write_split(root, "test", recipe.test_size, seed=recipe.seed, clutter=recipe.clutter),
+        "fresh": write_split(root / "fresh", "test", recipe.test_size, seed=recipe.seed + FRESH_SEED_OFFSET,
+                             clutter=recipe.clutter),
     }
 
 
@@ -264,7 +278,7 @@ def build_world(recipe: WorldRecipe, log=logger.info) -> dict:
     splits = world_splits(work / "data", recipe)
     report = finish_world(recipe, dense, processor, splits)
     rng = np.random.default_rng([recipe.seed, 33])
-    scenes = [sample_scene(rng) for _ in range(2000)]
+    scenes = [sample_scene(rng, clutter=recipe.clutter) for _ in range(2000)]
     train_seconds = None if dense_seconds is None else dense_seconds + report["dynamic_seconds"]
     report.update(dense_seconds=dense_seconds, train_seconds=train_seconds,
                   random_keep_object_loss={str(r): random_keep_loss_rate(scenes, r) for r in (0.1, 0.2, 0.5)},
@@ -301,8 +315,9 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
                   "image_mask_sampling": recipe.dynamic_image_mask_sampling,
                   "image_selection": recipe.dynamic_image_selection},
     ))
-    _save_fp16(dense, processor, output / DENSE_DIR)  # a plain llava-hf checkpoint
-    _save_fp16(DynamicLlavaForConditionalGeneration.from_pretrained(final), processor, output / DYNAMIC_DIR)
+    _save_fp16(dense, processor, output / DENSE_DIR, recipe.clutter)  # a plain llava-hf checkpoint
+    _save_fp16(DynamicLlavaForConditionalGeneration.from_pretrained(final), processor, output / DYNAMIC_DIR,
+               recipe.clutter)
     report = {"recipe": asdict(recipe), "dynamic_seconds": round(time.time() - started)}
     for name, dense_mode in ((DENSE_DIR, True), (DYNAMIC_DIR, False)):
         rates = {"image_keep_rate": 1.0, "text_keep_rate": 1.0} if dense_mode else {}

@@ -20,6 +20,7 @@ from ..evaluation import answer_questions, exact_match, first_turns
 from ..evaluation.world import listing_correct
 from ..modeling import DynamicLlavaForConditionalGeneration
 from .build import DENSE_DIR, DYNAMIC_DIR
+from .assets import world_clutter
 from .scenes import write_split
 
 
@@ -53,8 +54,9 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
     dense, dynamic, processor = load_pair(checkpoints)
     text = dynamic.config.text_config
     bytes_per_token = kv_bytes_per_token(text, dtype_bytes=4)  # K and V, fp32, one layer
+    clutter = world_clutter(Path(checkpoints) / "tiny-dynamic-llava")  # scenes of the world they were trained in
     with tempfile.TemporaryDirectory() as tmp:
-        items = first_turns(json.loads(write_split(Path(tmp), "test", samples, seed=seed).read_text()))
+        items = first_turns(json.loads(write_split(Path(tmp), "test", samples, seed=seed, clutter=clutter).read_text()))
         runs = {}
         for name, model in (("dense", dense), ("Dynamic-LLaVA", dynamic)):
             started = time.time()

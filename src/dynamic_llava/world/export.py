@@ -38,9 +38,10 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 
 def export_world_benchmarks(split_json, output, limit: int | None = None, pope_images: int = 100,
-                            mme_images: int = 100, seed: int = 0) -> dict[str, dict[str, Path]]:
+                            mme_images: int = 100, seed: int = 0, clutter: int = 0) -> dict[str, dict[str, Path]]:
     """Write the formats under `output`; returns task -> {"questions", "annotations", "images"} paths (the images
-    of VQAv2 / GQA / POPE stay in the split's own images folder)."""
+    of VQAv2 / GQA / POPE stay in the split's own images folder); `clutter`: the world of the POPE / MME scenes
+    (as `scenes.sample_scene`; the split's own world should match)."""
     split_json, output = Path(split_json), Path(output)
     output.mkdir(parents=True, exist_ok=True)
     items = _first_questions(split_json, limit)
@@ -58,12 +59,12 @@ def export_world_benchmarks(split_json, output, limit: int | None = None, pope_i
                                                               for i in items}))
     paths["gqa"] = {"questions": _write_jsonl(output / "gqa_questions.jsonl", plain),
                     "annotations": output / "gqa_annotations.json", "images": images}
-    paths["pope"] = _pope(output, pope_images, seed)
-    paths["mme"] = _mme(output, mme_images, seed)
+    paths["pope"] = _pope(output, pope_images, seed, clutter)
+    paths["mme"] = _mme(output, mme_images, seed, clutter)
     return paths
 
 
-def _pope(output: Path, n_images: int, seed: int) -> dict[str, Path]:
+def _pope(output: Path, n_images: int, seed: int, clutter: int = 0) -> dict[str, Path]:
     """POPE: per image one "yes" and one "no" existence question; in "random" the absent object is any absent
     colour and shape, in "adversarial" a binding trap (its colour and its shape both occur, never together)."""
     rng = np.random.default_rng([seed, 78])
@@ -75,7 +76,7 @@ def _pope(output: Path, n_images: int, seed: int) -> dict[str, Path]:
         labels = []
         for index in range(n_images):
             while True:
-                scene = sample_scene(rng, min_objects=2 if category == "adversarial" else 1)
+                scene = sample_scene(rng, min_objects=2 if category == "adversarial" else 1, clutter=clutter)
                 present = {(o.color, o.shape) for o in scene.objects}
                 if category == "random":
                     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
@@ -100,7 +101,7 @@ def _pope(output: Path, n_images: int, seed: int) -> dict[str, Path]:
             "images": output / "images"}
 
 
-def _mme(output: Path, n_images: int, seed: int) -> dict[str, Path]:
+def _mme(output: Path, n_images: int, seed: int, clutter: int = 0) -> dict[str, Path]:
     """MME existence: per image one question answered "yes" and one "no", in MME's release layout."""
     rng = np.random.default_rng([seed, 77])
     folder = output / "mme" / "existence"
@@ -109,7 +110,7 @@ def _mme(output: Path, n_images: int, seed: int) -> dict[str, Path]:
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(n_images):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, clutter=clutter)
         name = f"{index:05d}.png"
         render(scene, IMAGE_SIZE).save(image_dir / name)
         obj = scene.objects[rng.integers(len(scene.objects))]

@@ -1,7 +1,9 @@
 """A visual world we control: procedural scenes, their pictures, and LLaVA-format conversations about them.
 
 A scene puts 1-4 small objects (shape, colour, size) into distinct cells of a 3 x 3 grid, each at a random
-offset inside its cell, on a plain, slightly noisy background. An object covers only a few image patches
+offset inside its cell, on a plain, slightly noisy background. A cluttered world (`clutter` > 0) also strews
+clutter / 2 to clutter small specks over it (dots, bars and posts in colours no object has, in patches no object
+touches): irrelevant but varied content, as real photos have. An object covers only a few image patches
 (`object_patches`), so most image tokens carry nothing, as in real photos, and a random 20% keep often
 loses whole objects. Objects are drawn to share colours and shapes with each other, so that questions
 cannot be answered from a bag of words:
@@ -41,6 +43,10 @@ CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left
 NUMBERS = ("zero", "one", "two", "three", "four")
 GRID = 3
 IMAGE_SIZE, PATCH_SIZE = 96, 12  # 8 x 8 = 64 image tokens
+CLUTTER_COLORS = {"orange": (240, 140, 30), "brown": (120, 75, 40), "pink": (245, 160, 200), "cyan": (60, 205, 215),
+                  "olive": (130, 130, 20), "black": (25, 25, 25)}
+CLUTTER_KINDS = ("dot", "bar", "post")
+CLUTTER = 16  # the cluttered world (`dynamic-llava world --clutter 16`): 8-16 specks per scene
 HALF_WIDTH = {"small": 0.28, "large": 0.38}  # half the object's width, as a share of a cell's
 COVERED = 0.25  # a patch shows an object when the object covers at least this share of it
 QUESTION_TYPES = ("color", "shape", "count", "exist", "position")
@@ -69,18 +75,31 @@ class SceneObject:
 
 
 @dataclass(frozen=True)
+class Speck:
+    """Clutter: a small dot, bar or post in a colour no object has, inside one image patch that no object touches."""
+
+    patch: int  # row-major index of the image patch it sits in
+    kind: str
+    color: str
+    dx: float = 0.0  # offset of the centre from the patch's centre, in pixels
+    dy: float = 0.0
+
+
+@dataclass(frozen=True)
 class Scene:
     objects: tuple[SceneObject, ...]
     background: int  # grey level
     noise_seed: int
+    clutter: tuple[Speck, ...] = ()
 
     def at(self, cell: int) -> SceneObject | None:
         return next((o for o in self.objects if o.cell == cell), None)
 
 
-def sample_scene(rng: np.random.Generator, max_objects: int = 4, min_objects: int = 1) -> Scene:
+def sample_scene(rng: np.random.Generator, max_objects: int = 4, min_objects: int = 1, clutter: int = 0) -> Scene:
     """1-4 objects in distinct cells, no two with the same colour and shape; each new object shares its
-    colour (35%) or its shape (35%) with an earlier one, so that attributes recur across objects."""
+    colour (35%) or its shape (35%) with an earlier one, so that attributes recur across objects. With
+    `clutter` > 0, clutter // 2 to clutter specks too (0 draws nothing more: the plain world is unchanged)."""
     count = int(rng.integers(min_objects, max_objects + 1))
     cells = sorted(int(c) for c in rng.choice(GRID * GRID, size=count, replace=False))
     pairs: list[tuple[str, str]] = []
@@ -100,7 +119,36 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 4, min_objects: in
         room = 0.5 - HALF_WIDTH[size] - 0.03
         dx, dy = (float(v) for v in rng.uniform(-room, room, 2))
         objects.append(SceneObject(shape=shape, color=color, size=size, cell=cell, dx=dx, dy=dy))
-    return Scene(tuple(objects), background=int(rng.integers(90, 140)), noise_seed=int(rng.integers(2**31)))
+    scene = Scene(tuple(objects), background=int(rng.integers(90, 140)), noise_seed=int(rng.integers(2**31)))
+    if clutter <= 0:
+        return scene
+    return Scene(scene.objects, scene.background, scene.noise_seed, _clutter(scene, clutter, rng))
+
+
+def _clutter(scene: Scene, most: int, rng: np.random.Generator) -> tuple[Speck, ...]:
+    """most // 2 to `most` specks in distinct patches that no object touches: content that a selection by
+    diversity alone spends its budget on, and a learned one can tell is never asked about."""
+    free = np.flatnonzero(coverage(scene).sum(axis=0) == 0)
+    count = min(int(rng.integers(most // 2, most + 1)), len(free))
+    patches = sorted(int(p) for p in rng.choice(free, size=count, replace=False))
+    names = list(CLUTTER_COLORS)
+    return tuple(Speck(patch=p, kind=CLUTTER_KINDS[rng.integers(len(CLUTTER_KINDS))],
+                       color=names[rng.integers(len(names))], dx=float(rng.uniform(-2, 2)), dy=float(rng.uniform(-2, 2)))
+                 for p in patches)
+
+
+def _draw_speck(draw: ImageDraw.ImageDraw, speck: Speck, image_size: int) -> None:
+    patch = image_size / (IMAGE_SIZE // PATCH_SIZE)
+    row, col = divmod(speck.patch, IMAGE_SIZE // PATCH_SIZE)
+    cx, cy = (col + 0.5) * patch + speck.dx * patch / PATCH_SIZE, (row + 0.5) * patch + speck.dy * patch / PATCH_SIZE
+    r = 0.22 * patch
+    fill = CLUTTER_COLORS[speck.color]
+    if speck.kind == "dot":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif speck.kind == "bar":
+        draw.rectangle((cx - 1.4 * r, cy - 0.4 * r, cx + 1.4 * r, cy + 0.4 * r), fill=fill)
+    else:
+        draw.rectangle((cx - 0.4 * r, cy - 1.4 * r, cx + 0.4 * r, cy + 1.4 * r), fill=fill)
 
 
 def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, image_size: int, fill) -> None:
@@ -122,11 +170,13 @@ def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, image_size: int, fill) ->
 
 
 def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
-    """The picture: background with mild noise, one filled shape per object."""
+    """The picture: background with mild noise, the clutter specks, one filled shape per object."""
     rng = np.random.default_rng(scene.noise_seed)
     pixels = scene.background + rng.normal(0, 6, (image_size, image_size, 1))
     image = Image.fromarray(np.clip(np.repeat(pixels, 3, axis=2), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
+    for speck in scene.clutter:
+        _draw_speck(draw, speck, image_size)
     for obj in scene.objects:
         _draw(draw, obj, image_size, COLORS[obj.color])
     return image
@@ -230,12 +280,13 @@ def is_trap(scene: Scene, question: str) -> bool:
     return color in colors and shape in shapes and (color, shape) not in set(zip(colors, shapes))
 
 
-def sample_turn(rng: np.random.Generator, kind: str, min_objects: int = 1) -> tuple[Scene, tuple[str, str]]:
-    """A scene and a question of `kind` about it (scenes that cannot pose it are drawn again); listings get
-    3-4 objects, so that their answers are long."""
+def sample_turn(rng: np.random.Generator, kind: str, min_objects: int = 1,
+                clutter: int = 0) -> tuple[Scene, tuple[str, str]]:
+    """A scene (`clutter`: as `sample_scene`) and a question of `kind` about it (scenes that cannot pose it
+    are drawn again); listings get 3-4 objects, so that their answers are long."""
     min_objects = max(min_objects, 3) if kind == "list" else min_objects
     while True:
-        scene = sample_scene(rng, min_objects=min_objects)
+        scene = sample_scene(rng, min_objects=min_objects, clutter=clutter)
         qa = ask(scene, kind, rng)
         if qa is not None:
             return scene, qa
@@ -280,9 +331,9 @@ DEFAULT_MIX = {"color": 0.14, "shape": 0.14, "count": 0.14, "exist": 0.14, "posi
 
 
 def write_split(root: Path, split: str, size: int, mix: dict[str, float] | None = None,
-                image_size: int = IMAGE_SIZE, seed: int = 0, max_turns: int = 3) -> Path:
+                image_size: int = IMAGE_SIZE, seed: int = 0, max_turns: int = 3, clutter: int = 0) -> Path:
     """Write `root/<split>.json` and `root/images/<split>/*.png`; returns the JSON path. The first turn of each
-    record has a type drawn from `mix` (type -> share). Deterministic by seed."""
+    record has a type drawn from `mix` (type -> share); `clutter`: as `sample_scene`. Deterministic by seed."""
     mix = mix or DEFAULT_MIX
     kinds, weights = list(mix), np.array(list(mix.values()), dtype=float)
     rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
@@ -290,7 +341,7 @@ def write_split(root: Path, split: str, size: int, mix: dict[str, float] | None 
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(size):
-        scene, first = sample_turn(rng, kinds[rng.choice(len(kinds), p=weights / weights.sum())])
+        scene, first = sample_turn(rng, kinds[rng.choice(len(kinds), p=weights / weights.sum())], clutter=clutter)
         name = f"{split}/{index:06d}.png"
         render(scene, image_size).save(root / "images" / name)
         records.append({"id": f"{split}-{index}", "image": name,
@@ -309,7 +360,7 @@ def corpus() -> list[str]:
 
 
 __all__ = [
-    "CELLS", "COLORS", "DEFAULT_MIX", "LONG_TYPES", "QUESTION_TYPES", "SHAPES", "Scene", "SceneObject", "ask",
+    "CELLS", "CLUTTER", "CLUTTER_COLORS", "CLUTTER_KINDS", "COLORS", "DEFAULT_MIX", "Speck", "LONG_TYPES", "QUESTION_TYPES", "SHAPES", "Scene", "SceneObject", "ask",
     "conversation", "corpus", "coverage", "describe", "is_trap", "listing", "object_patches", "question_type",
     "random_keep_loss_rate", "render", "sample_scene", "sample_turn", "write_split",
 ]
