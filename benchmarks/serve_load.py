@@ -121,8 +121,8 @@ def main() -> None:
     runs = {"dense": [], "Dynamic": []}
     for _ in range(args.repeats):  # alternate the two, so that drift on a shared machine hits both alike
         for label, settings in (("dense", DENSE), ("Dynamic", DYNAMIC)):
-            runs[label].append(run(label, args.checkpoint, make_requests(args.requests, args.seed, settings, world_clutter(args.checkpoint)),
-                                   args.concurrency, args.max_batch_size))
+            requests = make_requests(args.requests, args.seed, settings, world_clutter(args.checkpoint))
+            runs[label].append(run(label, args.checkpoint, requests, args.concurrency, args.max_batch_size))
     rows = []
     for label, repeats in runs.items():
         row = {k: statistics.median(r[k] for r in repeats) if isinstance(repeats[0][k], float) else repeats[0][k]

@@ -38,6 +38,7 @@ from dynamic_llava.costs import estimate
 from dynamic_llava.data import LlavaConversationDataset
 
 NAN = float("nan")
+CLUTTERED = Path(__file__).resolve().parents[1] / "checkpoints" / "cluttered" / "tiny-dynamic-llava"
 RATE = r"expected a number in \(0, 1\]"
 
 
@@ -638,6 +639,13 @@ CLI_CASES = [
         "bench-accuracy output is a file",
         lambda env: ["bench-accuracy", "--checkpoint", str(env.model_dir), "--output", str(env.root / "a-file.txt")],
         "is a file",
+    ),
+    (
+        "bench-accuracy baseline of another world",
+        lambda env: ["bench-accuracy", "--checkpoint", str(CLUTTERED), "--baseline-checkpoint", str(env.model_dir),
+                     "--output", str(env.root / "acc")],
+        "were trained in different worlds (clutter 16 and 0): pass the dense model of the same world build as "
+        "--baseline-checkpoint",
     ),
     ("unknown command", lambda env: ["deploy"], "No such command 'deploy'"),
     ("serve without a model", lambda env: ["serve"], "Missing argument 'model'"),

@@ -351,11 +351,12 @@ def bench_accuracy(
               "was fine-tuned from, or 'none' to run the baselines on --checkpoint.")
     if questions < 10:
         _fail(f"--questions must be at least 10, got {questions}.")
-    from .world.assets import world_clutter
+    from .world.assets import check_same_world
 
-    if baseline is not None and world_clutter(baseline) != world_clutter(checkpoint):
-        _fail(f"{checkpoint} and {baseline} were trained in different worlds (clutter {world_clutter(checkpoint)} and "
-              f"{world_clutter(baseline)}): pass the dense model of the same world build as --baseline-checkpoint.")
+    try:
+        check_same_world(checkpoint, baseline)
+    except ValueError as err:
+        _fail(str(err).replace("as the baseline", "as --baseline-checkpoint"))
     _writable_folder(output, "--output")
     console = Console(width=160)
     report = run_accuracy(AccuracySettings(checkpoint=checkpoint, baseline_checkpoint=baseline, questions=questions,

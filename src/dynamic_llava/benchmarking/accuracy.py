@@ -41,7 +41,7 @@ from ..policies import (
     StreamingLLMPolicy,
 )
 from ..predictors import keep_log_prob
-from ..world.assets import world_clutter
+from ..world.assets import check_same_world
 from ..world.scenes import write_split
 
 
@@ -100,11 +100,7 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
     """Run both sweeps; returns a JSON-ready dict."""
     from .workloads import load_world_model
 
-    clutter = world_clutter(settings.checkpoint)  # scenes from the world the checkpoint was trained in
-    if settings.baseline_checkpoint is not None and world_clutter(settings.baseline_checkpoint) != clutter:
-        raise ValueError(f"{settings.checkpoint} and {settings.baseline_checkpoint} were trained in different worlds "
-                         f"(clutter {clutter} and {world_clutter(settings.baseline_checkpoint)}): compare models of "
-                         "one world build.")
+    clutter = check_same_world(settings.checkpoint, settings.baseline_checkpoint)  # scenes of the checkpoint's world
     model, processor = load_world_model(settings.checkpoint)
     model.config.text_keep_rate = 1.0  # image sweep: generated tokens all kept
     dense = None
@@ -125,8 +121,9 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
         per_image = model.tokens_per_image()
         prompt_tokens = batch_inputs(processor, short[:1], images, blank=False)["input_ids"].shape[1]
         counts = {t: sum(i["type"] == t for i in short) for t in sorted({i["type"] for i in short})}
-        report = {"settings": asdict(settings), "world_clutter": clutter, "short_questions": len(short), "questions_per_type": counts,
-                  "descriptions": len(long), "listings": len(listings), "image_tokens": per_image,
+        report = {"settings": asdict(settings), "world_clutter": clutter, "short_questions": len(short),
+                  "questions_per_type": counts, "descriptions": len(long), "listings": len(listings),
+                  "image_tokens": per_image,
                   "image_sweep": [], "text_sweep": []}
 
         def image_point(method, rate, policy, predictor, on=model):

@@ -69,4 +69,14 @@ def world_clutter(folder) -> int:
     return int(json.loads(path.read_text()).get("clutter", 0)) if path.is_file() else 0
 
 
-__all__ = ["WORLD_FILE", "build_processor", "world_clutter", "write_world_settings", "build_tokenizer", "llava_processor", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID"]
+def check_same_world(checkpoint, baseline) -> int:
+    """The clutter of `checkpoint`'s world; ValueError if the dense `baseline` (or None) was trained in another."""
+    clutter = world_clutter(checkpoint)
+    if baseline is not None and (other := world_clutter(baseline)) != clutter:
+        raise ValueError(f"{checkpoint} and {baseline} were trained in different worlds (clutter {clutter} and "
+                         f"{other}): pass the dense model of the same world build as the baseline.")
+    return clutter
+
+
+__all__ = ["WORLD_FILE", "build_processor", "check_same_world", "world_clutter", "write_world_settings",
+           "build_tokenizer", "llava_processor", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID"]

@@ -46,7 +46,6 @@ IMAGE_SIZE, PATCH_SIZE = 96, 12  # 8 x 8 = 64 image tokens
 CLUTTER_COLORS = {"orange": (240, 140, 30), "brown": (120, 75, 40), "pink": (245, 160, 200), "cyan": (60, 205, 215),
                   "olive": (130, 130, 20), "black": (25, 25, 25)}
 CLUTTER_KINDS = ("dot", "bar", "post")
-CLUTTER = 16  # the cluttered world (`dynamic-llava world --clutter 16`): 8-16 specks per scene
 HALF_WIDTH = {"small": 0.28, "large": 0.38}  # half the object's width, as a share of a cell's
 COVERED = 0.25  # a patch shows an object when the object covers at least this share of it
 QUESTION_TYPES = ("color", "shape", "count", "exist", "position")
@@ -133,7 +132,8 @@ def _clutter(scene: Scene, most: int, rng: np.random.Generator) -> tuple[Speck, 
     patches = sorted(int(p) for p in rng.choice(free, size=count, replace=False))
     names = list(CLUTTER_COLORS)
     return tuple(Speck(patch=p, kind=CLUTTER_KINDS[rng.integers(len(CLUTTER_KINDS))],
-                       color=names[rng.integers(len(names))], dx=float(rng.uniform(-2, 2)), dy=float(rng.uniform(-2, 2)))
+                       color=names[rng.integers(len(names))], dx=float(rng.uniform(-2, 2)),
+                       dy=float(rng.uniform(-2, 2)))
                  for p in patches)
 
 
@@ -360,7 +360,8 @@ def corpus() -> list[str]:
 
 
 __all__ = [
-    "CELLS", "CLUTTER", "CLUTTER_COLORS", "CLUTTER_KINDS", "COLORS", "DEFAULT_MIX", "Speck", "LONG_TYPES", "QUESTION_TYPES", "SHAPES", "Scene", "SceneObject", "ask",
+    "CELLS", "CLUTTER_COLORS", "CLUTTER_KINDS", "COLORS", "DEFAULT_MIX", "Speck", "LONG_TYPES", "QUESTION_TYPES",
+    "SHAPES", "Scene", "SceneObject", "ask",
     "conversation", "corpus", "coverage", "describe", "is_trap", "listing", "object_patches", "question_type",
     "random_keep_loss_rate", "render", "sample_scene", "sample_turn", "write_split",
 ]

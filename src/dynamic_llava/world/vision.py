@@ -6,7 +6,8 @@ least `COVERED` of it) is labelled with that object's shape, colour, size and gr
 "none"; in a cluttered world, a fifth head labels a patch holding a speck with its colour and kind (a
 real encoder encodes what it sees, relevant or not). Linear heads read the features LLaVA takes (the last
 layer's hidden states, CLS dropped). So each of an object's few patches tells the whole object, and keeping
-any one of them keeps the object. Scenes are drawn fresh for every batch, so the tower never sees the same picture twice.
+any one of them keeps the object. Scenes are drawn fresh for every batch, so the tower never sees the same
+picture twice.
 """
 
 from __future__ import annotations
