@@ -354,9 +354,9 @@ def bench_accuracy(
     from .world.assets import check_same_world
 
     try:
-        check_same_world(checkpoint, baseline)
+        check_same_world(checkpoint, baseline, "--baseline-checkpoint")
     except ValueError as err:
-        _fail(str(err).replace("as the baseline", "as --baseline-checkpoint"))
+        _fail(str(err))
     _writable_folder(output, "--output")
     console = Console(width=160)
     report = run_accuracy(AccuracySettings(checkpoint=checkpoint, baseline_checkpoint=baseline, questions=questions,

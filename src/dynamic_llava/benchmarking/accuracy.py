@@ -123,8 +123,7 @@ def run_accuracy(settings: AccuracySettings, log=print) -> dict:
         counts = {t: sum(i["type"] == t for i in short) for t in sorted({i["type"] for i in short})}
         report = {"settings": asdict(settings), "world_clutter": clutter, "short_questions": len(short),
                   "questions_per_type": counts, "descriptions": len(long), "listings": len(listings),
-                  "image_tokens": per_image,
-                  "image_sweep": [], "text_sweep": []}
+                  "image_tokens": per_image, "image_sweep": [], "text_sweep": []}
 
         def image_point(method, rate, policy, predictor, on=model):
             per_type, overall = _exact_match(on, processor, short, images, policy, settings.batch_size)

@@ -69,12 +69,13 @@ def world_clutter(folder) -> int:
     return int(json.loads(path.read_text()).get("clutter", 0)) if path.is_file() else 0
 
 
-def check_same_world(checkpoint, baseline) -> int:
-    """The clutter of `checkpoint`'s world; ValueError if the dense `baseline` (or None) was trained in another."""
+def check_same_world(checkpoint, baseline, baseline_name: str = "the baseline") -> int:
+    """The clutter of `checkpoint`'s world; ValueError if the dense `baseline` was trained in another (None: no
+    baseline, nothing to compare). `baseline_name` names it in the message (a CLI passes its option)."""
     clutter = world_clutter(checkpoint)
     if baseline is not None and (other := world_clutter(baseline)) != clutter:
         raise ValueError(f"{checkpoint} and {baseline} were trained in different worlds (clutter {clutter} and "
-                         f"{other}): pass the dense model of the same world build as the baseline.")
+                         f"{other}): pass the dense model of the same world build as {baseline_name}.")
     return clutter
 
 
