@@ -58,7 +58,8 @@ def main() -> None:
     dynamic, processor = load_world_model(root / "tiny-dynamic-llava")
     dense, _ = load_world_model(root / "tiny-llava", quiet=True)  # the training-free methods run on the dense model
     rng = np.random.default_rng(args.seed)
-    scenes = [sample_scene(rng, clutter=world_clutter(root / "tiny-dynamic-llava")) for _ in range(args.scenes)]
+    clutter = world_clutter(root / "tiny-dynamic-llava")  # scenes of the world the models were trained in
+    scenes = [sample_scene(rng, clutter=clutter) for _ in range(args.scenes)]
     patches = [object_patches(scene) for scene in scenes]
     images = [render(scene, dynamic.config.vision_config.image_size) for scene in scenes]
     results: dict = {"seed": args.seed, "scenes": args.scenes, "objects": sum(map(len, patches)), "rates": {}}

@@ -119,9 +119,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = {"dense": [], "Dynamic": []}
+    clutter = world_clutter(args.checkpoint)
     for _ in range(args.repeats):  # alternate the two, so that drift on a shared machine hits both alike
         for label, settings in (("dense", DENSE), ("Dynamic", DYNAMIC)):
-            requests = make_requests(args.requests, args.seed, settings, world_clutter(args.checkpoint))
+            requests = make_requests(args.requests, args.seed, settings, clutter)
             runs[label].append(run(label, args.checkpoint, requests, args.concurrency, args.max_batch_size))
     rows = []
     for label, repeats in runs.items():

@@ -14,7 +14,7 @@ from dynamic_llava import DynamicLlavaConfig, DynamicLlavaForConditionalGenerati
 from dynamic_llava.data import LlavaConversationDataset
 from dynamic_llava.evaluation import evaluate_world, exact_match
 from dynamic_llava.evaluation.world import listing_correct, listing_scores
-from dynamic_llava.world.assets import build_processor
+from dynamic_llava.world.assets import build_processor, write_world_settings
 from dynamic_llava.world.dense import PromptEncoder, ScenePool, Stage, encode_scenes, held_out_accuracy, train_stage
 from dynamic_llava.world.models import tiny_llava_config
 from dynamic_llava.world.scenes import (
@@ -359,6 +359,9 @@ def test_a_fine_tune_can_start_from_an_earlier_builds_dense_model(tmp_path):
         model.model.language_model.norm.weight.add_(1.0)
     model.save_pretrained(tmp_path / DENSE_DIR)
     assert dynamic_folder(recipe) != first
+    write_world_settings(tmp_path / DENSE_DIR, 16)  # a dense model of the cluttered world: never fine-tuned on another
+    with pytest.raises(ValueError, match="--clutter 16, and this build has --clutter 0"):
+        load_dense(recipe)
 
 
 def test_a_build_from_an_earlier_dense_model_fine_tunes_saves_and_reports(tmp_path):

@@ -37,7 +37,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from ..evaluation import evaluate_world
 from ..modeling import DynamicLlavaForConditionalGeneration
 from ..training import TrainingRecipe, train
-from .assets import build_processor, write_world_settings
+from .assets import build_processor, world_clutter, write_world_settings
 from .dense import PromptEncoder, ScenePool, Stage, encode_scenes, train_stage
 from .models import tiny_llava_config
 from .scenes import QUESTION_TYPES, random_keep_loss_rate, sample_scene, write_split
@@ -242,15 +242,14 @@ def load_dense(recipe: WorldRecipe) -> tuple[LlavaForConditionalGeneration, obje
     """The dense model of an earlier build (`recipe.dense`) in fp32, its processor, and the record of its stages
     from the `world_report.json` beside it (empty if there is none)."""
     folder = Path(recipe.dense)
+    if (clutter := world_clutter(folder)) != recipe.clutter:
+        raise ValueError(f"{folder} was built in a world with --clutter {clutter}, and this build has --clutter "
+                         f"{recipe.clutter}: pass --clutter {clutter} to fine-tune it on its own world.")
     dense = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     earlier = folder.parent / "world_report.json"
     record = {"dense_checkpoint": str(folder)}
     if earlier.is_file():
         found = json.loads(earlier.read_text())
-        clutter = found.get("recipe", {}).get("clutter", 0)
-        if clutter != recipe.clutter:
-            raise ValueError(f"{folder} was built in a world with --clutter {clutter}, and this build has --clutter "
-                             f"{recipe.clutter}: pass --clutter {clutter} to fine-tune it on its own world.")
         record.update({k: found[k] for k in ("vision_tower_patch_accuracy", "vision_seconds", "stages") if k in found})
     return dense, AutoProcessor.from_pretrained(folder), record
 

@@ -54,7 +54,7 @@ def run_world_demo(checkpoints: str | Path = "checkpoints", image_keep_rate: flo
     dense, dynamic, processor = load_pair(checkpoints)
     text = dynamic.config.text_config
     bytes_per_token = kv_bytes_per_token(text, dtype_bytes=4)  # K and V, fp32, one layer
-    clutter = world_clutter(Path(checkpoints) / "tiny-dynamic-llava")  # scenes of the world they were trained in
+    clutter = world_clutter(Path(checkpoints) / DYNAMIC_DIR)  # scenes of the world they were trained in
     with tempfile.TemporaryDirectory() as tmp:
         items = first_turns(json.loads(write_split(Path(tmp), "test", samples, seed=seed, clutter=clutter).read_text()))
         runs = {}

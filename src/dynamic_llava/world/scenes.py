@@ -22,7 +22,7 @@ Every draw comes from `numpy.random.default_rng(seed)`: the same seed gives the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import comb
 from pathlib import Path
 
@@ -119,9 +119,7 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 4, min_objects: in
         dx, dy = (float(v) for v in rng.uniform(-room, room, 2))
         objects.append(SceneObject(shape=shape, color=color, size=size, cell=cell, dx=dx, dy=dy))
     scene = Scene(tuple(objects), background=int(rng.integers(90, 140)), noise_seed=int(rng.integers(2**31)))
-    if clutter <= 0:
-        return scene
-    return Scene(scene.objects, scene.background, scene.noise_seed, _clutter(scene, clutter, rng))
+    return replace(scene, clutter=_clutter(scene, clutter, rng)) if clutter > 0 else scene
 
 
 def _clutter(scene: Scene, most: int, rng: np.random.Generator) -> tuple[Speck, ...]:
