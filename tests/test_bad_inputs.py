@@ -630,6 +630,16 @@ CLI_CASES = [
         "--image-mask-sampling topk: choose gumbel or top_share",
     ),
     (
+        "world keep range reversed",
+        lambda env: ["world", "--output", str(env.root / "w-out"), "--work", str(env.root / "w-work"),
+                     "--image-keep-range", "0.3,0.1"],
+        "--image-keep-range 0.3,0.1: give LOW,HIGH with 0 < LOW <= HIGH <= 1",
+    ),
+    ("train keep range of one rate", lambda env: train_args(env, "--image-keep-range", "0.2"),
+     "--image-keep-range 0.2: give LOW,HIGH"),
+    ("train keep range not numbers", lambda env: train_args(env, "--image-keep-range", "low,high"),
+     "--image-keep-range"),
+    (
         "world output is a file",
         lambda env: ["world", "--output", str(env.root / "a-file.txt")],
         "is a file",

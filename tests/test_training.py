@@ -164,6 +164,40 @@ def test_hidden_distillation_adds_the_text_tokens_hidden_state_error_to_the_loss
     assert "hidden_distill_weight" not in recipe_for(world, "hidden").fingerprint()["settings"]
 
 
+def test_keep_rate_range_trains_each_step_at_its_drawn_rate_and_saves_the_nominal_one(world):
+    recipe = recipe_for(world, "keep-range", max_steps=6, image_keep_rate_range=(0.1, 0.6),
+                        sparsity={"min_answer_tokens": 10, "image_keep_rate": 0.2, "image_mask_sampling": "top_share"})
+    trainer = build_trainer(recipe)
+    seen = []  # (step, rate in the config, share of image tokens the step's masks kept)
+    original = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        loss, outputs = original(model, inputs, *args, return_outputs=True, **kwargs)
+        rate = trainer.accelerator.unwrap_model(model).config.image_keep_rate
+        seen.append((trainer.state.global_step, rate, float(outputs.image_keep_ratio.nanmean())))
+        return loss
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert [s for s, _, _ in seen] == list(range(6))
+    rates = [r for _, r, _ in seen]
+    assert rates == [trainer.step_image_keep_rate(s) for s in range(6)]
+    assert all(0.1 <= r <= 0.6 for r in rates) and len(set(rates)) == 6
+    tokens = trainer.model.config.image_seq_length
+    for _, rate, kept in seen:  # top_share keeps floor(rate * tokens) of each image
+        assert kept == pytest.approx(max(1, int(rate * tokens + 1e-6)) / tokens), (rate, kept)
+    assert trainer.model.config.image_keep_rate == 0.2  # restored after every step, and so saved
+    again = build_trainer(recipe_for(world, "keep-range-2", max_steps=6, image_keep_rate_range=(0.1, 0.6)))
+    assert [again.step_image_keep_rate(s) for s in range(6)] == rates  # the same draws on a resumed run
+    assert list(recipe.fingerprint()["settings"]["image_keep_rate_range"]) == [0.1, 0.6]
+    assert "image_keep_rate_range" not in recipe_for(world, "plain").fingerprint()["settings"]
+    assert build_trainer(recipe_for(world, "plain")).step_image_keep_rate(0) is None
+    for bad, kind in (((0.3, 0.1), ValueError), ((0.0, 0.5), ValueError), ((0.1, 1.5), ValueError),
+                      ((0.1,), TypeError), ("0.1,0.3", TypeError), ((0.1, "x"), TypeError)):
+        with pytest.raises(kind, match="image_keep_rate_range"):
+            recipe_for(world, image_keep_rate_range=bad).check()
+
+
 def test_frozen_parts_do_not_change(world):
     trainer = build_trainer(recipe_for(world, "frozen", trainable="predictors", max_steps=2))
     before = flat_parameters(trainer.model)

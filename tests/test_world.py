@@ -323,7 +323,8 @@ def test_a_world_build_refuses_dense_stages_of_another_recipe(tmp_path):
 
     assert dynamic_folder(recipe) == dynamic_folder(WorldRecipe(work=str(tmp_path), test_size=50, eval_limit=9))
     assert dynamic_folder(recipe) != dynamic_folder(WorldRecipe(work=str(tmp_path), polish_steps=5))
-    for changed in ({"dynamic_steps": 9}, {"dynamic_hidden_distill_weight": 0.0}, {"train_size": 100}):
+    for changed in ({"dynamic_steps": 9}, {"dynamic_hidden_distill_weight": 0.0}, {"train_size": 100},
+                    {"dynamic_image_keep_range": (0.1, 0.3)}):
         assert dynamic_folder(recipe) != dynamic_folder(WorldRecipe(work=str(tmp_path), **changed)), changed
     # a stage is judged by the settings of the stages up to it: a later stage's settings do not matter
     first = _dense_fingerprint(recipe, 0)

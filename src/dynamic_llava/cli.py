@@ -146,6 +146,9 @@ def train(
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (non-reentrant)."),
     bf16: bool = typer.Option(False, help="Load and train in bfloat16."),
     image_keep_rate: float = typer.Option(None, help="Target share of image tokens kept (default: the model's)."),
+    image_keep_range: str = typer.Option(None, help="LOW,HIGH: train each step at an image keep rate drawn from "
+                                         "[LOW, HIGH] (the saved model keeps --image-keep-rate); with "
+                                         "--image-mask-sampling top_share it sets the tokens kept."),
     text_keep_rate: float = typer.Option(None, help="Target share of answer tokens kept (default: the model's)."),
     sparse_layer: int = typer.Option(None, help="Layer K whose input the predictors read (default: the model's)."),
     budget_weight: float = typer.Option(None, help="lambda of the budget loss (default: the model's, 100)."),
@@ -187,7 +190,7 @@ def train(
         gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps, seed=seed,
         max_grad_norm=max_grad_norm, loss_average=loss_average, distill_weight=distill_weight,
         hidden_distill_weight=hidden_distill_weight, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
-        on_bad_record=on_bad_record,
+        on_bad_record=on_bad_record, image_keep_rate_range=_keep_range(image_keep_range),
         chat_template=chat_template, deepspeed=deepspeed, resume=resume, sparsity=sparsity, max_length=max_length,
     )
     from .training import NonFiniteError
@@ -230,6 +233,9 @@ def world(
     hidden_distill_weight: float = typer.Option(5.0, min=0.0, help="The fine-tune's weight of the relative "
                                                 "squared error to the dense model's last hidden states on the text "
                                                 "tokens (0: off)."),
+    image_keep_range: str = typer.Option(None, help="LOW,HIGH: each fine-tune step at an image keep rate drawn "
+                                         "from [LOW, HIGH] (the saved model keeps 0.2); pair it with "
+                                         "--image-mask-sampling top_share."),
     test_size: int = typer.Option(1200, min=10, help="Records in each test split (the build's seed and a fresh one)."),
 ) -> None:
     """Build the synthetic world from nothing: data, a tiny dense LLaVA, its Dynamic-LLaVA, and their accuracy."""
@@ -256,8 +262,19 @@ def world(
         dynamic_steps=dynamic_steps, dense=dense, dynamic_image_mask_sampling=image_mask_sampling,
         dynamic_image_selection=image_selection, dynamic_distill_weight=distill_weight,
         dynamic_hidden_distill_weight=hidden_distill_weight, test_size=test_size,
+        dynamic_image_keep_range=_keep_range(image_keep_range),
     ), log=typer.echo)
     typer.echo(json.dumps(report, indent=2))
+
+
+def _keep_range(value: str | None) -> tuple[float, float] | None:
+    """--image-keep-range LOW,HIGH as a checked pair of rates (None when not given)."""
+    if value is None:
+        return None
+    span = _split(value, float, "--image-keep-range")
+    if len(span) != 2 or not 0.0 < span[0] <= span[1] <= 1.0:
+        _fail(f"--image-keep-range {value}: give LOW,HIGH with 0 < LOW <= HIGH <= 1, e.g. 0.1,0.3.")
+    return span
 
 
 def _split(value: str, kind, option: str) -> tuple:

@@ -66,6 +66,10 @@ class TrainingRecipe:
     more forward per step). 0, the default, is the paper's loss. `hidden_distill_weight` > 0 (with the same
     teacher) adds that weight times the relative squared error between the student's and the teacher's last
     hidden states on the text tokens (question and answer), a denser signal than the answer's logits.
+    `image_keep_rate_range=(low, high)` trains each optimizer step at an image keep rate drawn uniformly from
+    [low, high] instead of the config's one (which the saved model keeps), so one model serves the range of
+    rates inference will be asked for; with image_mask_sampling "top_share" the drawn rate sets how many tokens
+    each image keeps, with "gumbel" only the budget's target.
     `max_grad_norm` clips the whole gradient (0 turns clipping off); with budget_weight 100 the
     budget term's gradients are large, so clipping also slows how fast the keep ratios move.
     """
@@ -88,6 +92,7 @@ class TrainingRecipe:
     loss_average: Literal["token", "answer"] = "token"
     distill_weight: float = 0.0
     hidden_distill_weight: float = 0.0
+    image_keep_rate_range: tuple[float, float] | None = None
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -125,6 +130,7 @@ class TrainingRecipe:
         check_number("distill_weight", self.distill_weight, 0.0, hint="0 trains without a teacher")
         check_number("hidden_distill_weight", self.hidden_distill_weight, 0.0, hint="0 leaves the hidden states free")
         check_integer("max_steps", self.max_steps, hint="-1 trains for --epochs")
+        self._check_keep_range()
         for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "lora_rank"):
             check_integer(name, getattr(self, name), 1)
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -156,6 +162,20 @@ class TrainingRecipe:
             raise invalid("max_length", self.max_length, f"an integer in [1, {context}]",
                           "the model's context (text_config.max_position_embeddings)")
 
+    def _check_keep_range(self) -> None:
+        span = self.image_keep_rate_range
+        if span is None:
+            return
+        expected = "(low, high) with 0 < low <= high <= 1, or None (train at the config's image_keep_rate)"
+        if not isinstance(span, (tuple, list)) or len(span) != 2:
+            raise invalid("image_keep_rate_range", span, expected, kind=TypeError)
+        for value in span:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise invalid("image_keep_rate_range", span, expected, kind=TypeError)
+        low, high = span
+        if not 0.0 < low <= high <= 1.0:
+            raise invalid("image_keep_rate_range", span, expected)
+
     def _check_deepspeed(self) -> None:
         if self.deepspeed is None:
             return
@@ -183,7 +203,7 @@ class TrainingRecipe:
     def fingerprint(self) -> dict:
         """What makes two runs the same run: the model, the data and the settings that shape the result."""
         settings = {name: getattr(self, name) for name in RUN_SETTINGS}
-        for name in ("distill_weight", "hidden_distill_weight"):
+        for name in ("distill_weight", "hidden_distill_weight", "image_keep_rate_range"):
             if not settings[name]:  # unused: fingerprinted as before the option, so such runs still resume
                 del settings[name]
         settings["chat_template"] = self.chat_template
@@ -202,7 +222,7 @@ class TrainingRecipe:
 RUN_SETTINGS = (
     "trainable", "freeze_projector", "image_only", "learning_rate", "predictor_learning_rate", "epochs", "max_steps",
     "batch_size", "gradient_accumulation_steps", "warmup_ratio", "max_grad_norm", "loss_average", "distill_weight",
-    "hidden_distill_weight", "seed", "bf16",
+    "hidden_distill_weight", "image_keep_rate_range", "seed", "bf16",
     "lora_rank", "lora_alpha", "lora_dropout", "on_bad_record", "max_length", "sparsity",
 )
 
@@ -342,6 +362,7 @@ def build_trainer(recipe: TrainingRecipe, callbacks=None) -> DynamicLlavaTrainer
         teacher=load_teacher(recipe) if recipe.distill_weight > 0 or recipe.hidden_distill_weight > 0 else None,
         distill_weight=recipe.distill_weight,
         hidden_distill_weight=recipe.hidden_distill_weight,
+        image_keep_rate_range=None if recipe.image_keep_rate_range is None else tuple(recipe.image_keep_rate_range),
         run_fingerprint=recipe.fingerprint(),
         callbacks=callbacks,
         processing_class=processor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 
 import torch
@@ -89,14 +90,19 @@ class DynamicLlavaTrainer(Trainer):
     * the Gumbel-Softmax temperature follows `gumbel_temperature` of the optimizer step (so a
       resumed run continues it exactly);
     * predictors get `predictor_learning_rate`, everything else trainable `args.learning_rate`;
+    * with `image_keep_rate_range=(low, high)`, each optimizer step trains at an image keep rate drawn
+      uniformly from it (the same on every process and on a resumed run), so one model learns the rates
+      inference will be asked for; the config's own rate is restored after each step, and so saved;
     * checkpoints are written to a staging folder and renamed into place: a run killed while
       saving leaves the previous checkpoint as the latest.
     """
 
     def __init__(self, *args, predictor_learning_rate: float = 2e-4, run_fingerprint: dict | None = None,
                  loss_average: str = "token", teacher=None, distill_weight: float = 0.0,
-                 hidden_distill_weight: float = 0.0, **kwargs):
+                 hidden_distill_weight: float = 0.0, image_keep_rate_range: tuple[float, float] | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.image_keep_rate_range = image_keep_rate_range
         self.teacher = teacher
         self.distill_weight = distill_weight
         self.hidden_distill_weight = hidden_distill_weight
@@ -153,9 +159,24 @@ class DynamicLlavaTrainer(Trainer):
             self._track(outputs, tau, distill)
         return (loss, outputs) if return_outputs else loss
 
+    def step_image_keep_rate(self, step: int) -> float | None:
+        """The image keep rate optimizer step `step` trains at under `image_keep_rate_range` (None without one)."""
+        if self.image_keep_rate_range is None:
+            return None
+        low, high = self.image_keep_rate_range
+        return random.Random(f"{self.args.seed}:{step}").uniform(low, high)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One micro-batch forward and backward; stops the run if a gradient is NaN or infinite."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        """One micro-batch forward and backward (at this step's image keep rate); stops the run if a gradient is NaN
+        or infinite."""
+        config = self.accelerator.unwrap_model(model).config
+        nominal, rate = config.image_keep_rate, self.step_image_keep_rate(self.state.global_step)
+        try:
+            if rate is not None:
+                config.image_keep_rate = rate
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            config.image_keep_rate = nominal
         if not self.is_deepspeed_enabled:  # DeepSpeed keeps gradients in its own buffers
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -182,6 +203,8 @@ class DynamicLlavaTrainer(Trainer):
 
     def _track(self, outputs, tau: float, distill: dict | None = None) -> None:
         values = {"lm_loss": outputs.lm_loss, "budget_loss": outputs.budget_loss, "tau": tau, **(distill or {})}
+        if self.image_keep_rate_range is not None:
+            values["image_keep_target"] = self.step_image_keep_rate(self.state.global_step)
         for name, ratio in (("image_keep", outputs.image_keep_ratio), ("text_keep", outputs.text_keep_ratio)):
             if ratio is not None and not bool(ratio.isnan().all()):
                 values[name] = ratio.nanmean()  # over the samples that have such tokens

@@ -83,6 +83,7 @@ class WorldRecipe:
     dynamic_loss_average: str = "token"  # "answer" (as the dense stages) scored no better here, with worse descriptions
     dynamic_image_mask_sampling: str = "gumbel"  # or "top_share": the fine-tune's image masks as inference's
     dynamic_image_selection: str = "diverse"  # which tokens the learned scores keep ("top": the paper's top-k)
+    dynamic_image_keep_range: tuple[float, float] | None = None  # each fine-tune step at a rate drawn from it
     dynamic_distill_weight: float = 1.0  # KL to the dense model on the answer tokens (0: the paper's loss alone)
     dynamic_hidden_distill_weight: float = 5.0  # its last hidden states matched on the text tokens (0: off)
     eval_limit: int | None = None
@@ -222,7 +223,8 @@ def _save_fp16(model, processor, folder: Path, clutter: int = 0) -> None:
 FINE_TUNE_FIELDS = ("seed", "batch_size", "train_size", "dynamic_steps", "dynamic_learning_rate",
                     "predictor_learning_rate", "image_keep_rate", "text_keep_rate", "min_answer_tokens",
                     "dynamic_max_grad_norm", "dynamic_loss_average", "dynamic_image_mask_sampling",
-                    "dynamic_image_selection", "dynamic_distill_weight", "dynamic_hidden_distill_weight")
+                    "dynamic_image_selection", "dynamic_distill_weight", "dynamic_hidden_distill_weight",
+                    "dynamic_image_keep_range")
 
 
 def dynamic_folder(recipe: WorldRecipe) -> Path:
@@ -234,6 +236,8 @@ def dynamic_folder(recipe: WorldRecipe) -> Path:
     else:
         dense = hashlib.sha256(json.dumps(_dense_fingerprint(recipe), sort_keys=True).encode()).hexdigest()[:10]
     settings = {k: getattr(recipe, k) for k in FINE_TUNE_FIELDS}
+    if settings["dynamic_image_keep_range"] is None:  # unused: named as before the option, so such runs resume
+        del settings["dynamic_image_keep_range"]
     tune = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return Path(recipe.work) / f"dynamic-{dense}-{tune}"
 
@@ -309,6 +313,7 @@ def finish_world(recipe: WorldRecipe, dense, processor, splits: dict[str, Path])
         seed=recipe.seed, resume=True, max_grad_norm=recipe.dynamic_max_grad_norm,
         loss_average=recipe.dynamic_loss_average, distill_weight=recipe.dynamic_distill_weight,
         hidden_distill_weight=recipe.dynamic_hidden_distill_weight,
+        image_keep_rate_range=recipe.dynamic_image_keep_range,
         sparsity={"image_keep_rate": recipe.image_keep_rate, "text_keep_rate": recipe.text_keep_rate,
                   "min_answer_tokens": recipe.min_answer_tokens,
                   "image_mask_sampling": recipe.dynamic_image_mask_sampling,
