@@ -34,6 +34,15 @@ from dynamic_llava.world.scenes import (
 from dynamic_llava.world.vision import HEADS, patch_labels
 
 
+def test_the_build_is_reached_from_the_world_package():
+    import dynamic_llava.world as world
+    from dynamic_llava.world import build
+
+    assert world.WorldRecipe is build.WorldRecipe and world.build_world is build.build_world
+    with pytest.raises(AttributeError, match="no attribute 'recipe'"):
+        world.recipe
+
+
 def test_splits_are_deterministic_by_seed(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     write_split(a, "validation", 12)
