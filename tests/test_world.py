@@ -43,6 +43,15 @@ def test_the_build_is_reached_from_the_world_package():
         world.recipe
 
 
+def test_a_bad_fine_tune_keep_range_is_refused_before_the_build_starts(tmp_path):
+    from dynamic_llava.world import WorldRecipe, build_world
+
+    recipe = WorldRecipe(work=str(tmp_path / "work"), output=str(tmp_path / "out"), dynamic_image_keep_range=(0.3, 0.1))
+    with pytest.raises(ValueError, match=r"dynamic_image_keep_range=\(0.3, 0.1\): expected \(low, high\)"):
+        build_world(recipe)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
 def test_splits_are_deterministic_by_seed(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     write_split(a, "validation", 12)

@@ -271,10 +271,12 @@ def _keep_range(value: str | None) -> tuple[float, float] | None:
     """--image-keep-range LOW,HIGH as a checked pair of rates (None when not given)."""
     if value is None:
         return None
-    span = _split(value, float, "--image-keep-range")
-    if len(span) != 2 or not 0.0 < span[0] <= span[1] <= 1.0:
+    from .validation import check_rate_range
+
+    try:
+        return check_rate_range("--image-keep-range", _split(value, float, "--image-keep-range"))
+    except (TypeError, ValueError):
         _fail(f"--image-keep-range {value}: give LOW,HIGH with 0 < LOW <= HIGH <= 1, e.g. 0.1,0.3.")
-    return span
 
 
 def _split(value: str, kind, option: str) -> tuple:

@@ -52,6 +52,18 @@ def check_rate(name: str, value, hint: str = "1.0 keeps every token") -> float:
     return check_number(name, value, 0.0, 1.0, low_open=True, hint=hint)
 
 
+def check_rate_range(name: str, value, hint: str = "") -> tuple[float, float]:
+    """A span of keep rates: a pair (low, high) of numbers with 0 < low <= high <= 1."""
+    allowed = "(low, high) with 0 < low <= high <= 1"
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, Real) for v in value):
+        raise invalid(name, value, allowed, hint, TypeError)
+    low, high = float(value[0]), float(value[1])
+    if not 0.0 < low <= high <= 1.0:  # NaN fails too
+        raise invalid(name, value, allowed, hint)
+    return low, high
+
+
 def check_bool(name: str, value, hint: str = "") -> bool:
     """``value`` is True or False (not 0/1, not a string)."""
     if not isinstance(value, bool):

@@ -28,7 +28,7 @@ from ..config import SPARSITY_FIELDS
 from ..data import LLAVA_V1_CHAT_TEMPLATE, LlavaCollator, LlavaConversationDataset
 from ..auto import model_class_for
 from ..modeling import DynamicLlavaForConditionalGeneration
-from ..validation import check_bool, check_integer, check_number, invalid
+from ..validation import check_bool, check_integer, check_number, check_rate_range, invalid
 from .trainer import (
     RUN_FILE,
     DynamicLlavaTrainer,
@@ -130,7 +130,9 @@ class TrainingRecipe:
         check_number("distill_weight", self.distill_weight, 0.0, hint="0 trains without a teacher")
         check_number("hidden_distill_weight", self.hidden_distill_weight, 0.0, hint="0 leaves the hidden states free")
         check_integer("max_steps", self.max_steps, hint="-1 trains for --epochs")
-        self._check_keep_range()
+        if self.image_keep_rate_range is not None:
+            check_rate_range("image_keep_rate_range", self.image_keep_rate_range,
+                             "or None (train at the config's image_keep_rate)")
         for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "lora_rank"):
             check_integer(name, getattr(self, name), 1)
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -161,20 +163,6 @@ class TrainingRecipe:
         if self.max_length is not None and self.max_length > context:
             raise invalid("max_length", self.max_length, f"an integer in [1, {context}]",
                           "the model's context (text_config.max_position_embeddings)")
-
-    def _check_keep_range(self) -> None:
-        span = self.image_keep_rate_range
-        if span is None:
-            return
-        expected = "(low, high) with 0 < low <= high <= 1, or None (train at the config's image_keep_rate)"
-        if not isinstance(span, (tuple, list)) or len(span) != 2:
-            raise invalid("image_keep_rate_range", span, expected, kind=TypeError)
-        for value in span:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise invalid("image_keep_rate_range", span, expected, kind=TypeError)
-        low, high = span
-        if not 0.0 < low <= high <= 1.0:
-            raise invalid("image_keep_rate_range", span, expected)
 
     def _check_deepspeed(self) -> None:
         if self.deepspeed is None:

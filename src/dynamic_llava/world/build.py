@@ -37,6 +37,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from ..evaluation import evaluate_world
 from ..modeling import DynamicLlavaForConditionalGeneration
 from ..training import TrainingRecipe, train
+from ..validation import check_rate_range
 from .assets import build_processor, world_clutter, write_world_settings
 from .dense import PromptEncoder, ScenePool, Stage, encode_scenes, train_stage
 from .models import tiny_llava_config
@@ -270,6 +271,8 @@ def world_splits(root: Path, recipe: WorldRecipe) -> dict[str, Path]:
 
 def build_world(recipe: WorldRecipe, log=logger.info) -> dict:
     """Run every step; returns the evaluation report (also written to `output/world_report.json`)."""
+    if recipe.dynamic_image_keep_range is not None:  # refused now, not after the dense stages
+        check_rate_range("dynamic_image_keep_range", recipe.dynamic_image_keep_range)
     work, output = Path(recipe.work), Path(recipe.output)
     if recipe.dense:
         dense, processor, record = load_dense(recipe)
